@@ -1,0 +1,708 @@
+//! `config.json` of a Hugging Face DeepSeek-V3-format checkpoint, parsed and checked once.
+//!
+//! Accepts both the hub layout (`rope_theta` + `rope_scaling`) and the transformers 5 layout
+//! (`rope_parameters`). Anything the implementation would silently get wrong is rejected with a message
+//! naming the field.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{path} is not valid JSON for a DeepSeek-V3 config: {source}")]
+    Json { path: String, source: serde_json::Error },
+    #[error("config.json: `{field}` {message}")]
+    Invalid { field: &'static str, message: String },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field, message: message.into() }
+}
+
+/// How the 64 rotary dimensions of q_pe / k_pe are paired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeLayout {
+    /// Consecutive pairs (x[2i], x[2i+1]): what DeepSeek checkpoints were trained with.
+    Interleaved,
+    /// Pairs (x[i], x[i + d/2]) (`rope_interleave: false`), for checkpoints whose rows were permuted offline.
+    Half,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: usize,
+        beta_fast: f64,
+        beta_slow: f64,
+        mscale: Option<f64>,
+        mscale_all_dim: Option<f64>,
+        attention_factor: Option<f64>,
+        truncate: bool,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Quantization {
+    None,
+    /// Block-scaled float8 e4m3 weights with a `weight_scale_inv` per `[block_out, block_in]` tile.
+    Fp8 {
+        block_out: usize,
+        block_in: usize,
+    },
+}
+
+/// A validated model configuration. Field names follow `config.json`.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub moe_intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub first_k_dense_replace: usize,
+    pub num_attention_heads: usize,
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+    pub n_routed_experts: usize,
+    pub num_experts_per_tok: usize,
+    pub n_shared_experts: usize,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub routed_scaling_factor: f64,
+    pub norm_topk_prob: bool,
+    pub rms_norm_eps: f64,
+    pub max_position_embeddings: usize,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub rope_layout: RopeLayout,
+    pub num_nextn_predict_layers: usize,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+    pub quantization: Quantization,
+    /// `torch_dtype` / `dtype` of the checkpoint's unquantised tensors, as written (e.g. "bfloat16").
+    pub torch_dtype: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Raw {
+    model_type: Option<String>,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    moe_intermediate_size: usize,
+    num_hidden_layers: usize,
+    #[serde(default)]
+    first_k_dense_replace: Option<usize>,
+    #[serde(default)]
+    moe_layer_freq: Option<usize>,
+    num_attention_heads: usize,
+    #[serde(default)]
+    num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    q_lora_rank: Option<usize>,
+    kv_lora_rank: usize,
+    qk_nope_head_dim: usize,
+    qk_rope_head_dim: usize,
+    v_head_dim: usize,
+    n_routed_experts: usize,
+    num_experts_per_tok: usize,
+    #[serde(default)]
+    n_shared_experts: Option<usize>,
+    #[serde(default)]
+    n_group: Option<usize>,
+    #[serde(default)]
+    topk_group: Option<usize>,
+    #[serde(default)]
+    routed_scaling_factor: Option<f64>,
+    #[serde(default)]
+    norm_topk_prob: Option<bool>,
+    #[serde(default)]
+    scoring_func: Option<String>,
+    #[serde(default)]
+    topk_method: Option<String>,
+    #[serde(default)]
+    hidden_act: Option<String>,
+    #[serde(default)]
+    rms_norm_eps: Option<f64>,
+    #[serde(default)]
+    max_position_embeddings: Option<usize>,
+    #[serde(default)]
+    rope_theta: Option<f64>,
+    #[serde(default)]
+    rope_scaling: Option<Value>,
+    #[serde(default)]
+    rope_parameters: Option<Value>,
+    #[serde(default)]
+    rope_interleave: Option<bool>,
+    #[serde(default, alias = "num_mtp_layers")]
+    num_nextn_predict_layers: Option<usize>,
+    #[serde(default)]
+    tie_word_embeddings: Option<bool>,
+    #[serde(default)]
+    bos_token_id: Option<u32>,
+    #[serde(default)]
+    eos_token_id: Option<Value>,
+    #[serde(default)]
+    attention_bias: Option<bool>,
+    #[serde(default)]
+    quantization_config: Option<Value>,
+    #[serde(default)]
+    torch_dtype: Option<String>,
+    #[serde(default)]
+    dtype: Option<String>,
+}
+
+impl ModelConfig {
+    /// Reads `<dir>/config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self, ConfigError> {
+        Self::from_file(&dir.join("config.json"))
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Io { path: path.display().to_string(), source })?;
+        Self::from_json_str(&text).map_err(|e| match e {
+            ConfigError::Json { source, .. } => {
+                ConfigError::Json { path: path.display().to_string(), source }
+            }
+            other => other,
+        })
+    }
+
+    pub fn from_json_str(text: &str) -> Result<Self, ConfigError> {
+        let raw: Raw = serde_json::from_str(text)
+            .map_err(|source| ConfigError::Json { path: "config.json".into(), source })?;
+        Self::from_raw(raw)
+    }
+
+    fn from_raw(r: Raw) -> Result<Self, ConfigError> {
+        let model_type = r.model_type.unwrap_or_else(|| "deepseek_v3".into());
+        if !matches!(model_type.as_str(), "deepseek_v3" | "kimi_k2") {
+            return Err(invalid(
+                "model_type",
+                format!(
+                    "is {model_type:?}; only the DeepSeek-V3 architecture (\"deepseek_v3\") is supported"
+                ),
+            ));
+        }
+        for (field, v) in [
+            ("vocab_size", r.vocab_size),
+            ("hidden_size", r.hidden_size),
+            ("intermediate_size", r.intermediate_size),
+            ("moe_intermediate_size", r.moe_intermediate_size),
+            ("num_hidden_layers", r.num_hidden_layers),
+            ("num_attention_heads", r.num_attention_heads),
+            ("kv_lora_rank", r.kv_lora_rank),
+            ("qk_nope_head_dim", r.qk_nope_head_dim),
+            ("qk_rope_head_dim", r.qk_rope_head_dim),
+            ("v_head_dim", r.v_head_dim),
+            ("n_routed_experts", r.n_routed_experts),
+            ("num_experts_per_tok", r.num_experts_per_tok),
+        ] {
+            if v == 0 {
+                return Err(invalid(field, "must be positive"));
+            }
+        }
+        if !r.qk_rope_head_dim.is_multiple_of(2) {
+            return Err(invalid("qk_rope_head_dim", "must be even (rotary pairs)"));
+        }
+        if r.q_lora_rank == Some(0) {
+            return Err(invalid("q_lora_rank", "must be positive or null"));
+        }
+        if let Some(kv) = r.num_key_value_heads {
+            if kv != r.num_attention_heads {
+                return Err(invalid(
+                    "num_key_value_heads",
+                    format!(
+                        "is {kv} but must equal num_attention_heads ({}): MLA has no grouped KV heads",
+                        r.num_attention_heads
+                    ),
+                ));
+            }
+        }
+        let first_k_dense_replace = r.first_k_dense_replace.unwrap_or(0);
+        if first_k_dense_replace > r.num_hidden_layers {
+            return Err(invalid(
+                "first_k_dense_replace",
+                format!("({first_k_dense_replace}) exceeds num_hidden_layers ({})", r.num_hidden_layers),
+            ));
+        }
+        if let Some(f) = r.moe_layer_freq {
+            if f != 1 {
+                return Err(invalid("moe_layer_freq", format!("is {f}; only 1 is supported")));
+            }
+        }
+        let n_group = r.n_group.unwrap_or(1);
+        let topk_group = r.topk_group.unwrap_or(n_group);
+        if n_group == 0 || !r.n_routed_experts.is_multiple_of(n_group) {
+            return Err(invalid(
+                "n_group",
+                format!("({n_group}) must divide n_routed_experts ({})", r.n_routed_experts),
+            ));
+        }
+        let per_group = r.n_routed_experts / n_group;
+        if n_group > 1 && per_group < 2 {
+            return Err(invalid(
+                "n_group",
+                "leaves fewer than 2 experts per group (groups are ranked by their top-2 sum)",
+            ));
+        }
+        if topk_group == 0 || topk_group > n_group {
+            return Err(invalid("topk_group", format!("({topk_group}) must be in 1..={n_group} (n_group)")));
+        }
+        if r.num_experts_per_tok > topk_group * per_group {
+            return Err(invalid(
+                "num_experts_per_tok",
+                format!(
+                    "({}) exceeds the experts in the kept groups ({} x {per_group})",
+                    r.num_experts_per_tok, topk_group
+                ),
+            ));
+        }
+        if let Some(s) = &r.scoring_func {
+            if s != "sigmoid" {
+                return Err(invalid(
+                    "scoring_func",
+                    format!("is {s:?}; the DeepSeek-V3 router is \"sigmoid\""),
+                ));
+            }
+        }
+        if let Some(m) = &r.topk_method {
+            if m != "noaux_tc" {
+                return Err(invalid(
+                    "topk_method",
+                    format!("is {m:?}; only \"noaux_tc\" (bias-corrected group-limited top-k) is supported"),
+                ));
+            }
+        }
+        if let Some(a) = &r.hidden_act {
+            if a != "silu" {
+                return Err(invalid("hidden_act", format!("is {a:?}; only \"silu\" is supported")));
+            }
+        }
+        if r.attention_bias == Some(true) {
+            return Err(invalid("attention_bias", "true is not supported (DeepSeek-V3 has none)"));
+        }
+        let rms_norm_eps = r.rms_norm_eps.unwrap_or(1e-6);
+        if !(rms_norm_eps > 0.0 && rms_norm_eps.is_finite()) {
+            return Err(invalid("rms_norm_eps", "must be positive"));
+        }
+        let routed_scaling_factor = r.routed_scaling_factor.unwrap_or(1.0);
+        if !(routed_scaling_factor.is_finite() && routed_scaling_factor > 0.0) {
+            return Err(invalid("routed_scaling_factor", "must be positive"));
+        }
+        let max_position_embeddings = r.max_position_embeddings.unwrap_or(4096);
+        if max_position_embeddings == 0 {
+            return Err(invalid("max_position_embeddings", "must be positive"));
+        }
+
+        let (rope_theta, rope_scaling) = parse_rope(
+            r.rope_theta,
+            r.rope_scaling.as_ref(),
+            r.rope_parameters.as_ref(),
+            max_position_embeddings,
+        )?;
+        let rope_layout =
+            if r.rope_interleave.unwrap_or(true) { RopeLayout::Interleaved } else { RopeLayout::Half };
+
+        let eos_token_ids = match &r.eos_token_id {
+            None | Some(Value::Null) => vec![],
+            Some(Value::Number(n)) => vec![n
+                .as_u64()
+                .and_then(|v| u32::try_from(v).ok())
+                .ok_or_else(|| invalid("eos_token_id", "must be a token id"))?],
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| {
+                    v.as_u64()
+                        .and_then(|v| u32::try_from(v).ok())
+                        .ok_or_else(|| invalid("eos_token_id", "must be token ids"))
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err(invalid("eos_token_id", "must be an id or a list of ids")),
+        };
+        for &id in eos_token_ids.iter().chain(r.bos_token_id.iter()) {
+            if id as usize >= r.vocab_size {
+                return Err(invalid("eos_token_id", format!("{id} is outside the vocabulary")));
+            }
+        }
+
+        let quantization = parse_quantization(r.quantization_config.as_ref())?;
+
+        Ok(ModelConfig {
+            model_type,
+            vocab_size: r.vocab_size,
+            hidden_size: r.hidden_size,
+            intermediate_size: r.intermediate_size,
+            moe_intermediate_size: r.moe_intermediate_size,
+            num_hidden_layers: r.num_hidden_layers,
+            first_k_dense_replace,
+            num_attention_heads: r.num_attention_heads,
+            q_lora_rank: r.q_lora_rank,
+            kv_lora_rank: r.kv_lora_rank,
+            qk_nope_head_dim: r.qk_nope_head_dim,
+            qk_rope_head_dim: r.qk_rope_head_dim,
+            v_head_dim: r.v_head_dim,
+            n_routed_experts: r.n_routed_experts,
+            num_experts_per_tok: r.num_experts_per_tok,
+            n_shared_experts: r.n_shared_experts.unwrap_or(0),
+            n_group,
+            topk_group,
+            routed_scaling_factor,
+            norm_topk_prob: r.norm_topk_prob.unwrap_or(true),
+            rms_norm_eps,
+            max_position_embeddings,
+            rope_theta,
+            rope_scaling,
+            rope_layout,
+            num_nextn_predict_layers: r.num_nextn_predict_layers.unwrap_or(0),
+            tie_word_embeddings: r.tie_word_embeddings.unwrap_or(false),
+            bos_token_id: r.bos_token_id,
+            eos_token_ids,
+            quantization,
+            torch_dtype: r.torch_dtype.or(r.dtype),
+        })
+    }
+
+    /// Width of one query/key head: nope + rope.
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+
+    /// Values cached per token per layer: the normalised latent and the rotated shared key.
+    pub fn latent_dim(&self) -> usize {
+        self.kv_lora_rank + self.qk_rope_head_dim
+    }
+
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        layer >= self.first_k_dense_replace
+    }
+
+    /// Whether the checkpoint carries an MTP module (stored as layer `num_hidden_layers`).
+    pub fn has_mtp(&self) -> bool {
+        self.num_nextn_predict_layers > 0
+    }
+
+    /// Attention softmax scale: head_dim^-1/2, times the YaRN temperature mscale(factor, mscale_all_dim)^2
+    /// (transformers' rule: applied whenever YaRN is on and mscale_all_dim is non-zero).
+    pub fn softmax_scale(&self) -> f64 {
+        let base = (self.qk_head_dim() as f64).powf(-0.5);
+        match &self.rope_scaling {
+            RopeScaling::Yarn { factor, mscale_all_dim: Some(m), .. } if *m != 0.0 => {
+                let s = yarn_mscale(*factor, *m);
+                base * s * s
+            }
+            _ => base,
+        }
+    }
+
+    /// Multiplier YaRN applies to cos/sin (1.0 for DeepSeek-V3).
+    pub fn rope_attention_factor(&self) -> f64 {
+        match &self.rope_scaling {
+            RopeScaling::None => 1.0,
+            RopeScaling::Yarn { factor, mscale, mscale_all_dim, attention_factor, .. } => {
+                if let Some(a) = attention_factor {
+                    return *a;
+                }
+                match (mscale, mscale_all_dim) {
+                    (Some(a), Some(b)) if *a != 0.0 && *b != 0.0 => {
+                        yarn_mscale(*factor, *a) / yarn_mscale(*factor, *b)
+                    }
+                    _ => yarn_mscale(*factor, 1.0),
+                }
+            }
+        }
+    }
+
+    /// Rotary inverse frequencies (qk_rope_head_dim / 2 values), YaRN-blended when configured.
+    /// Computed in f32 like the reference so that angles agree bit for bit at large positions.
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let dim = self.qk_rope_head_dim;
+        let half = dim / 2;
+        let base = self.rope_theta;
+        let pos_freqs: Vec<f32> =
+            (0..half).map(|i| (base as f32).powf((2 * i) as f32 / dim as f32)).collect();
+        match &self.rope_scaling {
+            RopeScaling::None => pos_freqs.iter().map(|p| 1.0 / p).collect(),
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                truncate,
+                ..
+            } => {
+                let corr = |rot: f64| {
+                    dim as f64
+                        * ((*original_max_position_embeddings as f64) / (rot * 2.0 * std::f64::consts::PI))
+                            .ln()
+                        / (2.0 * base.ln())
+                };
+                let (mut low, mut high) = (corr(*beta_fast), corr(*beta_slow));
+                if *truncate {
+                    low = low.floor();
+                    high = high.ceil();
+                }
+                let low = low.max(0.0);
+                let mut high = high.min((dim - 1) as f64);
+                if low == high {
+                    high += 0.001;
+                }
+                (0..half)
+                    .map(|i| {
+                        let ramp = (((i as f32) - low as f32) / (high as f32 - low as f32)).clamp(0.0, 1.0);
+                        let extrap_factor = 1.0 - ramp;
+                        let extrap = 1.0 / pos_freqs[i];
+                        let interp = 1.0 / (*factor as f32 * pos_freqs[i]);
+                        interp * (1.0 - extrap_factor) + extrap * extrap_factor
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+fn yarn_mscale(scale: f64, mscale: f64) -> f64 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * scale.ln() + 1.0
+    }
+}
+
+fn num(v: &Value, field: &'static str) -> Result<Option<f64>, ConfigError> {
+    match v {
+        Value::Null => Ok(None),
+        Value::Number(n) => Ok(n.as_f64()),
+        _ => Err(invalid(field, "must be a number")),
+    }
+}
+
+fn parse_rope(
+    rope_theta: Option<f64>,
+    rope_scaling: Option<&Value>,
+    rope_parameters: Option<&Value>,
+    max_position_embeddings: usize,
+) -> Result<(f64, RopeScaling), ConfigError> {
+    // transformers 5 folds theta and the scaling into `rope_parameters`; the hub configs keep them apart.
+    let params = match (rope_scaling, rope_parameters) {
+        (Some(Value::Null) | None, Some(p)) if !p.is_null() => Some(p),
+        (Some(s), _) if !s.is_null() => Some(s),
+        _ => None,
+    };
+    let field = if rope_parameters.is_some_and(|p| !p.is_null()) && rope_scaling.is_none_or(|s| s.is_null()) {
+        "rope_parameters"
+    } else {
+        "rope_scaling"
+    };
+    let get = |key: &str| params.and_then(|p| p.get(key)).unwrap_or(&Value::Null);
+    let theta = match rope_theta {
+        Some(t) => t,
+        None => num(get("rope_theta"), "rope_theta")?.unwrap_or(10000.0),
+    };
+    if !(theta.is_finite() && theta > 1.0) {
+        return Err(invalid("rope_theta", "must be > 1"));
+    }
+    let Some(p) = params else {
+        return Ok((theta, RopeScaling::None));
+    };
+    if !p.is_object() {
+        return Err(invalid(field, "must be an object"));
+    }
+    let kind = get("rope_type").as_str().or_else(|| get("type").as_str()).unwrap_or("default");
+    match kind {
+        "default" => Ok((theta, RopeScaling::None)),
+        "yarn" => {
+            let original = num(get("original_max_position_embeddings"), field)?
+                .map(|v| v as usize)
+                .unwrap_or(max_position_embeddings);
+            let factor = match num(get("factor"), field)? {
+                Some(f) => f,
+                None => max_position_embeddings as f64 / original as f64,
+            };
+            if !(factor.is_finite() && factor > 0.0) {
+                return Err(invalid(field, "factor must be positive"));
+            }
+            if original == 0 {
+                return Err(invalid(field, "original_max_position_embeddings must be positive"));
+            }
+            // transformers treats 0 / missing beta as the paper defaults (32, 1).
+            let beta_fast = num(get("beta_fast"), field)?.filter(|b| *b != 0.0).unwrap_or(32.0);
+            let beta_slow = num(get("beta_slow"), field)?.filter(|b| *b != 0.0).unwrap_or(1.0);
+            Ok((
+                theta,
+                RopeScaling::Yarn {
+                    factor,
+                    original_max_position_embeddings: original,
+                    beta_fast,
+                    beta_slow,
+                    mscale: num(get("mscale"), field)?,
+                    mscale_all_dim: num(get("mscale_all_dim"), field)?,
+                    attention_factor: num(get("attention_factor"), field)?,
+                    truncate: get("truncate").as_bool().unwrap_or(true),
+                },
+            ))
+        }
+        other => Err(invalid(
+            field,
+            format!("type {other:?} is not supported (DeepSeek-V3 uses \"yarn\" or none)"),
+        )),
+    }
+}
+
+fn parse_quantization(q: Option<&Value>) -> Result<Quantization, ConfigError> {
+    let Some(q) = q.filter(|q| !q.is_null()) else {
+        return Ok(Quantization::None);
+    };
+    let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("");
+    if method != "fp8" {
+        return Err(invalid(
+            "quantization_config",
+            format!("quant_method {method:?} is not supported (only block-scaled \"fp8\")"),
+        ));
+    }
+    if let Some(fmt) = q.get("fmt").and_then(Value::as_str) {
+        if fmt != "e4m3" {
+            return Err(invalid("quantization_config", format!("fmt {fmt:?} is not supported (e4m3)")));
+        }
+    }
+    if let Some(s) = q.get("activation_scheme").and_then(Value::as_str) {
+        if s != "dynamic" {
+            return Err(invalid(
+                "quantization_config",
+                format!("activation_scheme {s:?} is not supported (dynamic)"),
+            ));
+        }
+    }
+    let block = match q.get("weight_block_size") {
+        None | Some(Value::Null) => vec![128, 128],
+        Some(Value::Array(a)) => a.iter().map(|v| v.as_u64().unwrap_or(0) as usize).collect(),
+        Some(_) => vec![],
+    };
+    if block.len() != 2 || block.contains(&0) {
+        return Err(invalid("quantization_config", "weight_block_size must be two positive integers"));
+    }
+    Ok(Quantization::Fp8 { block_out: block[0], block_in: block[1] })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The published DeepSeek-V3 config.json (values from the model card).
+    pub(crate) const V3: &str = r#"{
+      "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+      "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+      "num_hidden_layers": 61, "first_k_dense_replace": 3, "moe_layer_freq": 1,
+      "num_attention_heads": 128, "num_key_value_heads": 128, "q_lora_rank": 1536, "kv_lora_rank": 512,
+      "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+      "n_routed_experts": 256, "num_experts_per_tok": 8, "n_shared_experts": 1, "n_group": 8, "topk_group": 4,
+      "routed_scaling_factor": 2.5, "norm_topk_prob": true, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+      "hidden_act": "silu", "rms_norm_eps": 1e-06, "max_position_embeddings": 163840, "rope_theta": 10000,
+      "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                       "original_max_position_embeddings": 4096, "type": "yarn"},
+      "num_nextn_predict_layers": 1, "tie_word_embeddings": false, "bos_token_id": 0, "eos_token_id": 1,
+      "attention_bias": false, "torch_dtype": "bfloat16",
+      "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                              "weight_block_size": [128, 128]}
+    }"#;
+
+    #[test]
+    fn parses_deepseek_v3() {
+        let c = ModelConfig::from_json_str(V3).unwrap();
+        assert_eq!(c.latent_dim(), 576);
+        assert_eq!(c.qk_head_dim(), 192);
+        assert!(c.has_mtp());
+        assert!(!c.is_moe_layer(2) && c.is_moe_layer(3));
+        assert_eq!(c.eos_token_ids, vec![1]);
+        assert_eq!(c.quantization, Quantization::Fp8 { block_out: 128, block_in: 128 });
+        // Figures from the model notes: softmax scale 0.13523378 and attention factor exactly 1.
+        assert!((c.softmax_scale() - 0.135_233_78).abs() < 1e-8, "{}", c.softmax_scale());
+        assert_eq!(c.rope_attention_factor(), 1.0);
+    }
+
+    #[test]
+    fn yarn_frequencies_match_reference_table() {
+        let c = ModelConfig::from_json_str(V3).unwrap();
+        let f = c.rope_inv_freq();
+        let expected = [
+            (0usize, 1.0f32),
+            (1, 0.749894),
+            (10, 0.0562341),
+            (11, 0.0390069),
+            (16, 0.0055),
+            (21, 0.00041499),
+            (22, 0.000177828),
+            (23, 3.3338e-05),
+            (31, 3.3338e-06),
+        ];
+        for (i, v) in expected {
+            assert!((f[i] - v).abs() / v < 1e-4, "inv_freq[{i}] = {} want {v}", f[i]);
+        }
+    }
+
+    #[test]
+    fn transformers5_rope_parameters_layout() {
+        let text = V3.replace(
+            r#""rope_theta": 10000,
+      "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                       "original_max_position_embeddings": 4096, "type": "yarn"},"#,
+            r#""rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40, "beta_fast": 32,
+               "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096},"#,
+        );
+        assert_ne!(text, V3);
+        let a = ModelConfig::from_json_str(V3).unwrap();
+        let b = ModelConfig::from_json_str(&text).unwrap();
+        assert_eq!(a.rope_scaling, b.rope_scaling);
+        assert_eq!(a.rope_theta, b.rope_theta);
+    }
+
+    #[test]
+    fn q_lora_null_and_no_rope_scaling() {
+        let text = V3
+            .replace(r#""q_lora_rank": 1536"#, r#""q_lora_rank": null"#)
+            .replace(r#""type": "yarn""#, r#""type": "default""#);
+        let c = ModelConfig::from_json_str(&text).unwrap();
+        assert_eq!(c.q_lora_rank, None);
+        assert_eq!(c.rope_scaling, RopeScaling::None);
+        assert!((c.softmax_scale() - 192f64.powf(-0.5)).abs() < 1e-12);
+        assert!((c.rope_inv_freq()[1] - 10000f32.powf(-2.0 / 64.0)).abs() < 1e-7);
+    }
+
+    #[test]
+    fn rejects_inconsistent_values_naming_the_field() {
+        let cases = [
+            (r#""num_key_value_heads": 128"#, r#""num_key_value_heads": 8"#, "num_key_value_heads"),
+            (r#""n_group": 8"#, r#""n_group": 7"#, "n_group"),
+            (r#""topk_group": 4"#, r#""topk_group": 9"#, "topk_group"),
+            (r#""scoring_func": "sigmoid""#, r#""scoring_func": "softmax""#, "scoring_func"),
+            (r#""hidden_act": "silu""#, r#""hidden_act": "gelu""#, "hidden_act"),
+            (r#""first_k_dense_replace": 3"#, r#""first_k_dense_replace": 62"#, "first_k_dense_replace"),
+            (r#""quant_method": "fp8""#, r#""quant_method": "gptq""#, "quantization_config"),
+            (r#""type": "yarn""#, r#""type": "longrope""#, "rope_scaling"),
+            (r#""num_experts_per_tok": 8"#, r#""num_experts_per_tok": 200"#, "num_experts_per_tok"),
+            (r#""eos_token_id": 1"#, r#""eos_token_id": 200000"#, "eos_token_id"),
+            (r#""model_type": "deepseek_v3""#, r#""model_type": "llama""#, "model_type"),
+        ];
+        for (from, to, field) in cases {
+            let text = V3.replace(from, to);
+            assert_ne!(text, V3, "{from}");
+            let err = ModelConfig::from_json_str(&text).unwrap_err().to_string();
+            assert!(err.contains(field), "{to}: {err}");
+        }
+        let err =
+            ModelConfig::from_json_str(&V3.replace(r#""hidden_size": 7168,"#, "")).unwrap_err().to_string();
+        assert!(err.contains("hidden_size"), "{err}");
+    }
+}

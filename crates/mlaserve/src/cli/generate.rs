@@ -1,0 +1,80 @@
+use std::path::PathBuf;
+
+use anyhow::Context;
+use mlaserve_core::SamplingParams;
+use mlaserve_model::{DType, Engine, EngineRequest, LoadOptions, Model};
+
+use super::util::parse_ids;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long)]
+    model: PathBuf,
+    /// A prompt of token ids (repeat for several prompts; all run as one continuous batch).
+    #[arg(long, required = true)]
+    ids: Vec<String>,
+    #[arg(long)]
+    max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value = "f32")]
+    dtype: DType,
+    /// Stop a prompt's generation at the end-of-sequence token.
+    #[arg(long)]
+    stop_at_eos: bool,
+    /// New tokens per step (prefill chunking budget).
+    #[arg(long, default_value_t = 512)]
+    step_tokens: usize,
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// Print one JSON object per prompt (`{"ids": [...]}`).
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let model = Model::load(&a.model, &LoadOptions { dtype: a.dtype, ..Default::default() })
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    let stop_ids = if a.stop_at_eos { model.config().eos_token_ids.clone() } else { vec![] };
+    let reqs: Vec<EngineRequest> = a
+        .ids
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            Ok(EngineRequest {
+                prompt: parse_ids(s)?,
+                max_new_tokens: a.max_new_tokens,
+                params: SamplingParams {
+                    temperature: a.temperature,
+                    seed: a.seed.wrapping_add(i as u64),
+                    ..Default::default()
+                },
+                stop_ids: stop_ids.clone(),
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    if let Some(r) =
+        reqs.iter().find(|r| r.prompt.len() + r.max_new_tokens > model.config().max_position_embeddings)
+    {
+        anyhow::bail!(
+            "prompt of {} tokens plus {} new exceeds the model's {} positions",
+            r.prompt.len(),
+            r.max_new_tokens,
+            model.config().max_position_embeddings
+        );
+    }
+    let blocks = Engine::blocks_needed(&reqs, a.block_size);
+    let mut engine = Engine::new(&model, blocks, a.block_size, a.step_tokens);
+    let outs = engine.generate(&reqs)?;
+    for ids in outs {
+        if a.json {
+            println!("{}", serde_json::json!({ "ids": ids }));
+        } else {
+            println!("{}", ids.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(","));
+        }
+    }
+    Ok(())
+}

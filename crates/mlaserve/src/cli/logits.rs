@@ -1,0 +1,85 @@
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use mlaserve_model::{DType, LoadOptions, Model, PrefillForm};
+use safetensors::tensor::{Dtype, TensorView};
+use tch::{Kind, Tensor};
+
+use super::util::parse_ids;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Checkpoint directory (config.json + safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// Token ids, comma separated.
+    #[arg(long)]
+    ids: String,
+    /// Position of the first token (no earlier context).
+    #[arg(long, default_value_t = 0)]
+    start_pos: usize,
+    #[arg(long, default_value = "f32")]
+    dtype: DType,
+    /// Also write `mtp_logits` [T-1, vocab] from the MTP module.
+    #[arg(long)]
+    mtp: bool,
+    /// How long prefills attend (auto picks the cheaper form).
+    #[arg(long, value_enum, default_value = "auto", hide = true)]
+    prefill_form: PrefillArg,
+    /// Output safetensors file.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PrefillArg {
+    Auto,
+    Absorbed,
+    Expanded,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let ids = parse_ids(&a.ids)?;
+    let opts = LoadOptions {
+        dtype: a.dtype,
+        mtp: a.mtp,
+        prefill_form: match a.prefill_form {
+            PrefillArg::Auto => PrefillForm::Auto,
+            PrefillArg::Absorbed => PrefillForm::Absorbed,
+            PrefillArg::Expanded => PrefillForm::Expanded,
+        },
+        ..Default::default()
+    };
+    let model = Model::load(&a.model, &opts).with_context(|| format!("loading {}", a.model.display()))?;
+    if a.mtp && !model.has_mtp() {
+        anyhow::bail!("--mtp: the checkpoint has no MTP module (num_nextn_predict_layers is 0)");
+    }
+    let (logits, mtp) = model.full_logits(&ids, a.start_pos, a.mtp)?;
+    let mut out: Vec<(&str, Tensor)> = vec![("logits", logits)];
+    if let Some(m) = mtp {
+        out.push(("mtp_logits", m));
+    }
+    write_f32_safetensors(&out, &a.out)
+}
+
+/// Writes f32 tensors to a safetensors file.
+pub fn write_f32_safetensors(tensors: &[(&str, Tensor)], path: &std::path::Path) -> anyhow::Result<()> {
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, t)| {
+            let t = t.to_kind(Kind::Float).contiguous();
+            let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+            let values: Vec<f32> = Vec::try_from(t.flatten(0, -1))?;
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            Ok((name.to_string(), shape, bytes))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let views: HashMap<String, TensorView> = data
+        .iter()
+        .map(|(n, s, b)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
+        .collect::<anyhow::Result<_>>()?;
+    safetensors::serialize_to_file(&views, None, path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

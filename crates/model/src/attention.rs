@@ -1,0 +1,228 @@
+//! Multi-head Latent Attention over the paged latent cache.
+//!
+//! Per token and layer the cache holds only `[c ; rope(k_pe)]` (kv_lora_rank + qk_rope_head_dim
+//! values). Short chunks (decode) attend in the absorbed form, folding `W_UK` into the query and `W_UV`
+//! into the output so the cache is never expanded; long prefill chunks choose per sequence between the
+//! absorbed form and expanding their context once, whichever costs fewer multiply-adds.
+
+use tch::{Kind, Tensor};
+
+use crate::batch::{BatchedGroup, SoloSeq, StepPlan};
+use crate::error::Result;
+use crate::linear::Linear;
+use crate::loader::LoadCtx;
+use crate::norm::RmsNorm;
+use crate::rope::{self, permute_rope_rows};
+
+enum QProj {
+    Lora { a: Linear, norm: RmsNorm, b: Linear },
+    Plain(Linear),
+}
+
+pub struct Mla {
+    q: QProj,
+    kv_a: Linear,
+    kv_norm: RmsNorm,
+    /// `W_UK` `[h, dn, rkv]` and `W_UV` `[h, dv, rkv]`, the two halves of kv_b_proj.
+    w_uk: Tensor,
+    w_uv: Tensor,
+    o: Linear,
+    h: i64,
+    dn: i64,
+    dr: i64,
+    dv: i64,
+    rkv: i64,
+    scale: f64,
+    prefill: PrefillForm,
+}
+
+/// How a long prefill chunk attends. Both forms read the same latent cache and compute the same
+/// function; `Auto` picks the cheaper one per chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PrefillForm {
+    #[default]
+    Auto,
+    Absorbed,
+    Expanded,
+}
+
+/// Upper bound on attention-score elements materialised at once by a long prefill.
+const SCORE_TILE_ELEMS: i64 = 1 << 25;
+
+impl Mla {
+    pub(crate) fn load(ctx: &LoadCtx, prefix: &str) -> Result<Self> {
+        let c = ctx.config;
+        let (hid, h) = (c.hidden_size, c.num_attention_heads);
+        let (dn, dr, dv, rkv) = (c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank);
+        let qk = dn + dr;
+        let perm_q = |w: Tensor| permute_rope_rows(&w, h as i64, qk as i64, dr as i64, c.rope_layout);
+        let q = match c.q_lora_rank {
+            Some(rq) => QProj::Lora {
+                a: Linear::new(ctx.weight(&format!("{prefix}.q_a_proj.weight"), &[rq, hid])?),
+                norm: ctx.norm(&format!("{prefix}.q_a_layernorm.weight"), rq)?,
+                b: Linear::new(perm_q(ctx.weight(&format!("{prefix}.q_b_proj.weight"), &[h * qk, rq])?)),
+            },
+            None => QProj::Plain(Linear::new(perm_q(
+                ctx.weight(&format!("{prefix}.q_proj.weight"), &[h * qk, hid])?,
+            ))),
+        };
+        let kv_a = ctx.weight(&format!("{prefix}.kv_a_proj_with_mqa.weight"), &[rkv + dr, hid])?;
+        let kv_a = permute_rope_rows(&kv_a, 1, (rkv + dr) as i64, dr as i64, c.rope_layout);
+        let kv_b = ctx.weight(&format!("{prefix}.kv_b_proj.weight"), &[h * (dn + dv), rkv])?.view([
+            h as i64,
+            (dn + dv) as i64,
+            rkv as i64,
+        ]);
+        Ok(Mla {
+            q,
+            kv_a: Linear::new(kv_a),
+            kv_norm: ctx.norm(&format!("{prefix}.kv_a_layernorm.weight"), rkv)?,
+            w_uk: kv_b.narrow(1, 0, dn as i64).contiguous(),
+            w_uv: kv_b.narrow(1, dn as i64, dv as i64).contiguous(),
+            o: Linear::new(ctx.weight(&format!("{prefix}.o_proj.weight"), &[hid, h * dv])?),
+            h: h as i64,
+            dn: dn as i64,
+            dr: dr as i64,
+            dv: dv as i64,
+            rkv: rkv as i64,
+            scale: c.softmax_scale(),
+            prefill: ctx.prefill_form,
+        })
+    }
+
+    /// Attention for the `T` new tokens `x [T, H]` of `plan`; writes their latents into `cache`
+    /// (`[slots, rkv + dr]`) before attending, so each token sees itself.
+    pub fn forward(&self, x: &Tensor, plan: &StepPlan, cache: &mut Tensor) -> Tensor {
+        let t = x.size()[0];
+        let q = match &self.q {
+            QProj::Lora { a, norm, b } => b.forward(&norm.forward(&a.forward(x))),
+            QProj::Plain(p) => p.forward(x),
+        }
+        .view([t, self.h, self.dn + self.dr]);
+        let q_nope = q.narrow(2, 0, self.dn);
+        let q_pe =
+            rope::apply(&q.narrow(2, self.dn, self.dr), &plan.cos.unsqueeze(1), &plan.sin.unsqueeze(1));
+
+        let kv = self.kv_a.forward(x);
+        let latent = self.kv_norm.forward(&kv.narrow(1, 0, self.rkv));
+        let k_pe = rope::apply(&kv.narrow(1, self.rkv, self.dr), &plan.cos, &plan.sin);
+        let _ =
+            cache.index_copy_(0, &plan.write_slots, &Tensor::cat(&[latent, k_pe], 1).to_kind(cache.kind()));
+
+        let out = match &plan.batched {
+            Some(g) if g.q_rows.is_none() => self.attend_batched(g, &q_nope, &q_pe, cache),
+            _ => {
+                let mut out = x.new_zeros([t, self.h, self.dv], (x.kind(), x.device()));
+                if let Some(g) = &plan.batched {
+                    let rows = g.q_rows.as_ref().expect("non-identity group");
+                    let o = self.attend_batched(
+                        g,
+                        &q_nope.index_select(0, rows),
+                        &q_pe.index_select(0, rows),
+                        cache,
+                    );
+                    let o = o.index_select(0, g.out_slots.as_ref().expect("non-identity group"));
+                    let _ = out.index_copy_(0, g.out_rows.as_ref().expect("non-identity group"), &o);
+                }
+                for s in &plan.solo {
+                    let o = self.attend_solo(
+                        s,
+                        &q_nope.narrow(0, s.row_start, s.new),
+                        &q_pe.narrow(0, s.row_start, s.new),
+                        cache,
+                    );
+                    out.narrow(0, s.row_start, s.new).copy_(&o);
+                }
+                out
+            }
+        };
+        self.o.forward(&out.reshape([t, self.h * self.dv]))
+    }
+
+    /// `q_nope [n, h, dn]` folded through `W_UK` into latent space, joined with `q_pe`: `[n, h, rkv+dr]`.
+    fn absorb_query(&self, q_nope: &Tensor, q_pe: &Tensor) -> Tensor {
+        let q_abs = q_nope.transpose(0, 1).bmm(&self.w_uk).transpose(0, 1);
+        Tensor::cat(&[q_abs, q_pe.shallow_clone()], 2)
+    }
+
+    /// Latent attention output `o_lat [n, h, rkv]` mapped through `W_UV`: `[n, h, dv]`.
+    fn absorb_output(&self, o_lat: &Tensor) -> Tensor {
+        o_lat.transpose(0, 1).bmm(&self.w_uv.transpose(1, 2)).transpose(0, 1)
+    }
+
+    /// Padded batch in absorbed form; returns `[b * s_max, h, dv]` in padded-slot order.
+    fn attend_batched(&self, g: &BatchedGroup, q_nope: &Tensor, q_pe: &Tensor, cache: &Tensor) -> Tensor {
+        let qc = self.absorb_query(q_nope, q_pe).reshape([g.b, g.s_max * self.h, self.rkv + self.dr]);
+        let ctx = cache
+            .index_select(0, &g.ctx_slots.view([-1]))
+            .view([g.b, g.t_max, self.rkv + self.dr])
+            .to_kind(qc.kind());
+        let scores = (qc.bmm(&ctx.transpose(1, 2)) * self.scale)
+            .view([g.b, g.s_max, self.h, g.t_max])
+            .masked_fill(&g.allowed.logical_not(), f64::NEG_INFINITY);
+        let p = scores.softmax(-1, Kind::Float).to_kind(qc.kind());
+        let o_lat = p.view([g.b, g.s_max * self.h, g.t_max]).bmm(&ctx.narrow(2, 0, self.rkv)).view([
+            g.b * g.s_max,
+            self.h,
+            self.rkv,
+        ]);
+        self.absorb_output(&o_lat)
+    }
+
+    /// One long chunk: `[new, h, dv]`, queries tiled so scores stay bounded in memory.
+    fn attend_solo(&self, s: &SoloSeq, q_nope: &Tensor, q_pe: &Tensor, cache: &Tensor) -> Tensor {
+        let n = s.new;
+        let tc = s.cached + n;
+        let ctx = cache.index_select(0, &s.ctx_slots).to_kind(q_nope.kind());
+        let (h, rkv, dn, dr, dv) = (self.h, self.rkv, self.dn, self.dr, self.dv);
+        // Multiply-adds of each form (see the model notes on the absorbed/expanded trade-off).
+        let absorbed = h * n * (dn + dv) * rkv + h * n * tc * (2 * rkv + dr);
+        let expanded = tc * rkv * h * (dn + dv) + h * n * tc * (dn + dr + dv);
+        let tile = (SCORE_TILE_ELEMS / (h * tc)).clamp(1, n);
+        let key_pos = Tensor::arange(tc, (Kind::Int64, ctx.device()));
+        let mask_for = |q0: i64, len: i64| {
+            // Query i (absolute cache index cached + q0 + i) sees keys 0..=cached + q0 + i.
+            let q_pos = Tensor::arange_start(s.cached + q0, s.cached + q0 + len, (Kind::Int64, ctx.device()));
+            key_pos.unsqueeze(0).gt_tensor(&q_pos.unsqueeze(1))
+        };
+        let mut outs = Vec::new();
+        let use_absorbed = match self.prefill {
+            PrefillForm::Auto => absorbed <= expanded,
+            PrefillForm::Absorbed => true,
+            PrefillForm::Expanded => false,
+        };
+        if use_absorbed {
+            let qc = self.absorb_query(q_nope, q_pe);
+            let kt = ctx.transpose(0, 1);
+            let c = ctx.narrow(1, 0, rkv);
+            let mut q0 = 0;
+            while q0 < n {
+                let len = tile.min(n - q0);
+                let scores = (qc.narrow(0, q0, len).reshape([len * h, rkv + dr]).mm(&kt) * self.scale)
+                    .view([len, h, tc])
+                    .masked_fill(&mask_for(q0, len).unsqueeze(1), f64::NEG_INFINITY);
+                let p = scores.softmax(-1, Kind::Float).to_kind(qc.kind());
+                let o_lat = p.view([len * h, tc]).mm(&c).view([len, h, rkv]);
+                outs.push(self.absorb_output(&o_lat));
+                q0 += len;
+            }
+        } else {
+            let c = ctx.narrow(1, 0, rkv);
+            let k_nope = c.mm(&self.w_uk.view([h * dn, rkv]).tr()).view([tc, h, dn]);
+            let v = c.mm(&self.w_uv.view([h * dv, rkv]).tr()).view([tc, h, dv]).permute([1, 0, 2]);
+            let k_pe = ctx.narrow(1, rkv, dr).unsqueeze(1).expand([tc, h, dr], false);
+            let k = Tensor::cat(&[k_nope, k_pe], 2).permute([1, 2, 0]); // [h, dn+dr, tc]
+            let q = Tensor::cat(&[q_nope.shallow_clone(), q_pe.shallow_clone()], 2).transpose(0, 1); // [h, n, dn+dr]
+            let mut q0 = 0;
+            while q0 < n {
+                let len = tile.min(n - q0);
+                let scores = (q.narrow(1, q0, len).bmm(&k) * self.scale)
+                    .masked_fill(&mask_for(q0, len).unsqueeze(0), f64::NEG_INFINITY);
+                let p = scores.softmax(-1, Kind::Float).to_kind(q.kind());
+                outs.push(p.bmm(&v).transpose(0, 1));
+                q0 += len;
+            }
+        }
+        Tensor::cat(&outs, 0)
+    }
+}

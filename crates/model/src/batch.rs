@@ -1,0 +1,197 @@
+//! The layout of one forward step over a mixed batch: some sequences prefill a chunk, others decode
+//! one token, each with its own position and block table. Everything that does not depend on the
+//! layer (slots, masks, rotary tables) is computed once here and shared by all layers.
+
+use mlaserve_core::blocks::slot_of;
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{input_err, Result};
+use crate::rope::Rope;
+
+/// One sequence's part of a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqStep {
+    /// Tokens of this sequence already in the cache.
+    pub cached: usize,
+    /// New tokens in this step (at least one).
+    pub new: usize,
+    /// Absolute position of cache index 0 (0 for ordinary requests).
+    pub pos_offset: usize,
+    pub block_table: Vec<u32>,
+}
+
+impl SeqStep {
+    pub fn context(&self) -> usize {
+        self.cached + self.new
+    }
+}
+
+/// Sequences with at most this many new tokens attend together in one padded, absorbed batch.
+const BATCHED_MAX_NEW: usize = 8;
+
+/// Sequences that attend together: queries padded to `s_max`, context to `t_max`.
+pub(crate) struct BatchedGroup {
+    pub b: i64,
+    pub s_max: i64,
+    pub t_max: i64,
+    /// Token rows feeding the padded query slots `[b * s_max]` (None: exactly the rows 0..T in order).
+    pub q_rows: Option<Tensor>,
+    /// For each token row of the group, its padded slot; with `out_rows` the scatter back.
+    pub out_slots: Option<Tensor>,
+    pub out_rows: Option<Tensor>,
+    /// Cache slots `[b, t_max]` (padding points at slot 0 and is masked).
+    pub ctx_slots: Tensor,
+    /// Allowed (query, key) pairs `[b, s_max, 1, t_max]`.
+    pub allowed: Tensor,
+}
+
+/// A sequence whose chunk is long enough to attend on its own.
+pub(crate) struct SoloSeq {
+    pub row_start: i64,
+    pub new: i64,
+    pub cached: i64,
+    pub ctx_slots: Tensor,
+}
+
+pub struct StepPlan {
+    pub seqs: Vec<SeqStep>,
+    pub total_tokens: usize,
+    pub(crate) write_slots: Tensor,
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+    pub(crate) batched: Option<BatchedGroup>,
+    pub(crate) solo: Vec<SoloSeq>,
+    /// Row of the last new token of each sequence.
+    pub last_rows: Vec<i64>,
+}
+
+impl StepPlan {
+    /// Validates `seqs` against a cache of `num_slots` slots of `block_size` and precomputes the step.
+    pub fn new(
+        seqs: Vec<SeqStep>,
+        block_size: usize,
+        num_slots: usize,
+        rope: &Rope,
+        kind: Kind,
+        device: Device,
+        max_positions: Option<usize>,
+    ) -> Result<StepPlan> {
+        if seqs.is_empty() {
+            return Err(input_err("a step needs at least one sequence"));
+        }
+        let mut write_slots = Vec::new();
+        let mut positions = Vec::new();
+        let mut last_rows = Vec::with_capacity(seqs.len());
+        for (i, s) in seqs.iter().enumerate() {
+            if s.new == 0 {
+                return Err(input_err(format!("sequence {i} has no new tokens")));
+            }
+            let ctx = s.context();
+            if s.block_table.len() * block_size < ctx {
+                return Err(input_err(format!(
+                    "sequence {i}: block table of {} blocks holds {} slots, {ctx} needed",
+                    s.block_table.len(),
+                    s.block_table.len() * block_size
+                )));
+            }
+            if let Some(&b) = s.block_table.iter().find(|&&b| (b as usize + 1) * block_size > num_slots) {
+                return Err(input_err(format!(
+                    "sequence {i}: block {b} is outside the cache ({} blocks)",
+                    num_slots / block_size
+                )));
+            }
+            if let Some(max) = max_positions {
+                if s.pos_offset + ctx > max {
+                    return Err(input_err(format!(
+                        "sequence {i}: position {} exceeds the model's maximum of {max}",
+                        s.pos_offset + ctx - 1
+                    )));
+                }
+            }
+            for p in s.cached..ctx {
+                write_slots.push(slot_of(&s.block_table, block_size, p) as i64);
+                positions.push((s.pos_offset + p) as i64);
+            }
+            last_rows.push(positions.len() as i64 - 1);
+        }
+        let total_tokens = positions.len();
+        let (cos, sin) = rope.cos_sin(&Tensor::from_slice(&positions).to_device(device), kind);
+
+        // Short chunks (decode, speculative verification) attend together; long prefills alone.
+        let mut group = Vec::new();
+        let mut solo = Vec::new();
+        let mut row = 0i64;
+        let mut group_rows = Vec::new();
+        for (i, s) in seqs.iter().enumerate() {
+            if s.new <= BATCHED_MAX_NEW {
+                group.push(i);
+                group_rows.push(row);
+            } else {
+                let ctx_slots: Vec<i64> =
+                    (0..s.context()).map(|p| slot_of(&s.block_table, block_size, p) as i64).collect();
+                solo.push(SoloSeq {
+                    row_start: row,
+                    new: s.new as i64,
+                    cached: s.cached as i64,
+                    ctx_slots: Tensor::from_slice(&ctx_slots).to_device(device),
+                });
+            }
+            row += s.new as i64;
+        }
+        let batched = if group.is_empty() {
+            None
+        } else {
+            let b = group.len();
+            let s_max = group.iter().map(|&i| seqs[i].new).max().unwrap_or(1);
+            let t_max = group.iter().map(|&i| seqs[i].context()).max().unwrap_or(1);
+            let mut ctx_slots = vec![0i64; b * t_max];
+            let mut allowed = vec![false; b * s_max * t_max];
+            let mut q_rows = vec![0i64; b * s_max];
+            let mut out_slots = Vec::new();
+            let mut out_rows = Vec::new();
+            for (g, (&i, &row0)) in group.iter().zip(&group_rows).enumerate() {
+                let s = &seqs[i];
+                for p in 0..s.context() {
+                    ctx_slots[g * t_max + p] = slot_of(&s.block_table, block_size, p) as i64;
+                }
+                for q in 0..s_max {
+                    let base = (g * s_max + q) * t_max;
+                    if q < s.new {
+                        q_rows[g * s_max + q] = row0 + q as i64;
+                        out_slots.push((g * s_max + q) as i64);
+                        out_rows.push(row0 + q as i64);
+                        allowed[base..base + s.cached + q + 1].fill(true);
+                    } else {
+                        // Padding query: let it see key 0 so its softmax stays finite; it is discarded.
+                        allowed[base] = true;
+                    }
+                }
+            }
+            let identity = s_max == 1 && solo.is_empty();
+            let ids = |v: &[i64]| Tensor::from_slice(v).to_device(device);
+            Some(BatchedGroup {
+                b: b as i64,
+                s_max: s_max as i64,
+                t_max: t_max as i64,
+                q_rows: (!identity).then(|| ids(&q_rows)),
+                out_slots: (!identity).then(|| ids(&out_slots)),
+                out_rows: (!identity).then(|| ids(&out_rows)),
+                ctx_slots: ids(&ctx_slots).view([b as i64, t_max as i64]),
+                allowed: Tensor::from_slice(&allowed)
+                    .view([b as i64, s_max as i64, 1, t_max as i64])
+                    .to_device(device),
+            })
+        };
+
+        Ok(StepPlan {
+            seqs,
+            total_tokens,
+            write_slots: Tensor::from_slice(&write_slots).to_device(device),
+            cos,
+            sin,
+            batched,
+            solo,
+            last_rows,
+        })
+    }
+}

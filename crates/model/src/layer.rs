@@ -1,0 +1,64 @@
+use tch::{Device, Tensor};
+
+use crate::attention::Mla;
+use crate::batch::StepPlan;
+use crate::error::Result;
+use crate::loader::LoadCtx;
+use crate::mlp::Mlp;
+use crate::moe::Moe;
+use crate::norm::RmsNorm;
+
+pub enum Ffn {
+    Dense(Mlp),
+    Moe(Moe),
+}
+
+/// `x + MLA(norm(x))`, then `+ FFN(norm(.))`, the FFN dense for the first layers and MoE after.
+pub struct DecoderLayer {
+    pub index: usize,
+    input_norm: RmsNorm,
+    attn: Mla,
+    post_norm: RmsNorm,
+    ffn: Ffn,
+}
+
+impl DecoderLayer {
+    pub(crate) fn load(ctx: &LoadCtx, index: usize, moe: bool, expert_devices: &[Device]) -> Result<Self> {
+        let p = format!("model.layers.{index}");
+        let c = ctx.config;
+        let ffn = if moe {
+            Ffn::Moe(Moe::load(ctx, &format!("{p}.mlp"), expert_devices)?)
+        } else {
+            let (h, i) = (c.hidden_size, c.intermediate_size);
+            Ffn::Dense(Mlp::new(
+                ctx.weight(&format!("{p}.mlp.gate_proj.weight"), &[i, h])?,
+                ctx.weight(&format!("{p}.mlp.up_proj.weight"), &[i, h])?,
+                ctx.weight(&format!("{p}.mlp.down_proj.weight"), &[h, i])?,
+            ))
+        };
+        Ok(DecoderLayer {
+            index,
+            input_norm: ctx.norm(&format!("{p}.input_layernorm.weight"), c.hidden_size)?,
+            attn: Mla::load(ctx, &format!("{p}.self_attn"))?,
+            post_norm: ctx.norm(&format!("{p}.post_attention_layernorm.weight"), c.hidden_size)?,
+            ffn,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, plan: &StepPlan, cache: &mut Tensor) -> Tensor {
+        let h = x + self.attn.forward(&self.input_norm.forward(x), plan, cache);
+        let n = self.post_norm.forward(&h);
+        let f = match &self.ffn {
+            Ffn::Dense(m) => m.forward(&n),
+            Ffn::Moe(m) => m.forward(&n),
+        };
+        h + f
+    }
+
+    pub fn moe(&self) -> Option<&Moe> {
+        match &self.ffn {
+            Ffn::Moe(m) => Some(m),
+            Ffn::Dense(_) => None,
+        }
+    }
+}

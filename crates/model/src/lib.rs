@@ -1,0 +1,31 @@
+//! DeepSeek-V3 on libtorch: checkpoint loading (bf16/fp32/FP8), Multi-head Latent Attention over a
+//! paged latent cache, DeepSeekMoE, the MTP module and token sampling. No networking: workers drive
+//! [`Model`] step by step through [`StepPlan`]s.
+
+pub mod attention;
+pub mod batch;
+pub mod cache;
+pub mod dtype;
+pub mod engine;
+pub mod error;
+pub mod layer;
+pub mod linear;
+pub mod loader;
+pub mod mlp;
+pub mod model;
+pub mod moe;
+pub mod mtp;
+pub mod norm;
+pub mod rope;
+pub mod sampling;
+pub mod weights;
+
+pub use attention::PrefillForm;
+pub use batch::{SeqStep, StepPlan};
+pub use cache::LatentCache;
+pub use dtype::DType;
+pub use engine::{Engine, EngineRequest};
+pub use error::{ModelError, Result};
+pub use loader::LoadOptions;
+pub use model::Model;
+pub use sampling::{SampleOutput, Sampler};

@@ -1,0 +1,276 @@
+//! A pipeline stage of the model: a contiguous range of decoder layers, plus the embedding when it
+//! holds layer 0 and the final norm, lm_head and MTP module when it holds the last layer. A stage
+//! over all layers is the whole model.
+
+use std::ops::Range;
+use std::path::Path;
+
+use mlaserve_core::ModelConfig;
+use tch::{Device, Kind, Tensor};
+
+use crate::batch::{SeqStep, StepPlan};
+use crate::cache::LatentCache;
+use crate::dtype::DType;
+use crate::error::{input_err, ModelError, Result};
+use crate::layer::DecoderLayer;
+use crate::linear::Linear;
+use crate::loader::{LoadCtx, LoadOptions};
+use crate::mtp::Mtp;
+use crate::norm::RmsNorm;
+use crate::rope::Rope;
+use crate::weights::Checkpoint;
+
+pub struct Model {
+    config: ModelConfig,
+    dtype: DType,
+    device: Device,
+    layer_range: Range<usize>,
+    embed: Option<Tensor>,
+    layers: Vec<DecoderLayer>,
+    norm: Option<RmsNorm>,
+    lm_head: Option<Linear>,
+    mtp: Option<Mtp>,
+    rope: Rope,
+    expert_shards: usize,
+}
+
+impl Model {
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Model> {
+        let config = ModelConfig::from_dir(dir)?;
+        Self::load_with_config(dir, config, opts)
+    }
+
+    pub fn load_with_config(dir: &Path, config: ModelConfig, opts: &LoadOptions) -> Result<Model> {
+        let n = config.num_hidden_layers;
+        let range = opts.layers.clone().unwrap_or(0..n);
+        if range.start >= range.end || range.end > n {
+            return Err(ModelError::LayerRange {
+                start: range.start,
+                end: range.end,
+                message: format!("must be a non-empty range within 0..{n}"),
+            });
+        }
+        let first = range.start == 0;
+        let last = range.end == n;
+        let want_mtp = opts.mtp && last && config.has_mtp();
+
+        let mut ck = Checkpoint::open(dir, config.quantization.clone())?;
+        let in_stage = |name: &str| -> bool {
+            if let Some(rest) = name.strip_prefix("model.layers.") {
+                let idx: usize = rest.split('.').next().and_then(|s| s.parse().ok()).unwrap_or(usize::MAX);
+                range.contains(&idx) || (want_mtp && idx == n)
+            } else {
+                (first && name.starts_with("model.embed_tokens"))
+                    || (last && (name.starts_with("model.norm") || name.starts_with("lm_head")))
+            }
+        };
+        let total = ck.bytes_matching(in_stage);
+        ck.start_progress(total, &format!("loading layers {}..{}", range.start, range.end));
+
+        let kind = opts.dtype.kind();
+        let ctx =
+            LoadCtx { ck: &ck, config: &config, kind, device: opts.device, prefill_form: opts.prefill_form };
+        let expert_devices =
+            if opts.expert_devices.is_empty() { vec![opts.device] } else { opts.expert_devices.clone() };
+        let (v, h) = (config.vocab_size, config.hidden_size);
+        let embed = if first { Some(ctx.weight("model.embed_tokens.weight", &[v, h])?) } else { None };
+        let mut layers = Vec::with_capacity(range.len());
+        for i in range.clone() {
+            layers.push(DecoderLayer::load(&ctx, i, config.is_moe_layer(i), &expert_devices)?);
+        }
+        let (norm, lm_head) = if last {
+            let head = if config.tie_word_embeddings && !ck.contains("lm_head.weight") {
+                ctx.weight("model.embed_tokens.weight", &[v, h])?
+            } else {
+                ctx.weight("lm_head.weight", &[v, h])?
+            };
+            (Some(ctx.norm("model.norm.weight", h)?), Some(Linear::new(head)))
+        } else {
+            (None, None)
+        };
+        let mtp = if want_mtp { Some(Mtp::load(&ctx, n, embed.as_ref(), &expert_devices)?) } else { None };
+        ck.finish_progress();
+        tracing::info!(
+            layers = ?range,
+            dtype = %opts.dtype,
+            mtp = mtp.is_some(),
+            expert_shards = expert_devices.len(),
+            "model stage loaded"
+        );
+        Ok(Model {
+            rope: Rope::new(&config, opts.device),
+            config,
+            dtype: opts.dtype,
+            device: opts.device,
+            layer_range: range,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            mtp,
+            expert_shards: expert_devices.len(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn layer_range(&self) -> Range<usize> {
+        self.layer_range.clone()
+    }
+
+    pub fn is_first(&self) -> bool {
+        self.embed.is_some()
+    }
+
+    pub fn is_last(&self) -> bool {
+        self.lm_head.is_some()
+    }
+
+    pub fn has_mtp(&self) -> bool {
+        self.mtp.is_some()
+    }
+
+    pub fn expert_shards(&self) -> usize {
+        self.expert_shards
+    }
+
+    pub fn layers(&self) -> &[DecoderLayer] {
+        &self.layers
+    }
+
+    /// A latent cache for this stage's layers (and its MTP layer).
+    pub fn new_cache(&self, num_blocks: usize, block_size: usize) -> LatentCache {
+        LatentCache::new(
+            self.layers.len(),
+            self.mtp.is_some(),
+            num_blocks,
+            block_size,
+            self.config.latent_dim(),
+            self.dtype.kind(),
+            self.device,
+        )
+    }
+
+    pub fn plan(&self, seqs: Vec<SeqStep>, cache: &LatentCache) -> Result<StepPlan> {
+        StepPlan::new(
+            seqs,
+            cache.block_size(),
+            cache.num_slots(),
+            &self.rope,
+            self.dtype.kind(),
+            self.device,
+            None,
+        )
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<Tensor> {
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            return Err(input_err(format!(
+                "token id {bad} is outside the vocabulary ({} tokens)",
+                self.config.vocab_size
+            )));
+        }
+        let ids: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+        Ok(Tensor::from_slice(&ids).to_device(self.device))
+    }
+
+    /// Input embeddings `[T, H]` (first stage only).
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        let table = self
+            .embed
+            .as_ref()
+            .ok_or_else(|| input_err("this stage does not hold the embedding (layer 0)"))?;
+        Ok(table.index_select(0, &self.check_ids(ids)?))
+    }
+
+    /// Runs this stage's layers over hidden states `[T, H]`.
+    pub fn forward_layers(&self, hidden: Tensor, plan: &StepPlan, cache: &mut LatentCache) -> Result<Tensor> {
+        let size = hidden.size();
+        if size.len() != 2 || size[0] != plan.total_tokens as i64 || size[1] != self.config.hidden_size as i64
+        {
+            return Err(input_err(format!(
+                "hidden states have shape {size:?}, expected [{}, {}]",
+                plan.total_tokens, self.config.hidden_size
+            )));
+        }
+        let _guard = tch::no_grad_guard();
+        let mut x = hidden.to_kind(self.dtype.kind());
+        for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(&x, plan, c);
+        }
+        Ok(x)
+    }
+
+    /// Final RMSNorm (last stage): the "final hidden state" that feeds lm_head and the MTP module.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        let norm = self.norm.as_ref().ok_or_else(|| input_err("this stage does not hold the final norm"))?;
+        Ok(norm.forward(x))
+    }
+
+    /// Logits `[N, vocab]` in fp32 from final hidden states.
+    pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
+        let head = self.lm_head.as_ref().ok_or_else(|| input_err("this stage does not hold lm_head"))?;
+        let _guard = tch::no_grad_guard();
+        Ok(head.forward(h).to_kind(Kind::Float))
+    }
+
+    /// MTP hidden states for slots `(h_i, t_{i+1})`: `h_prev [n, H]` final hidden states and the
+    /// following tokens `next_ids [n]`, laid out by `plan` over the MTP layer's cache.
+    pub fn mtp_hidden(
+        &self,
+        h_prev: &Tensor,
+        next_ids: &[u32],
+        plan: &StepPlan,
+        cache: &mut LatentCache,
+    ) -> Result<Tensor> {
+        let mtp = self.mtp.as_ref().ok_or_else(|| input_err("this stage holds no MTP module"))?;
+        let c = cache.mtp.as_mut().ok_or_else(|| ModelError::Cache("the cache has no MTP layer".into()))?;
+        let _guard = tch::no_grad_guard();
+        Ok(mtp.forward(h_prev, &self.check_ids(next_ids)?, plan, c))
+    }
+
+    /// Convenience for a single full sequence with an empty cache: logits for every position of
+    /// `ids` placed at positions `start_pos..`, and with `with_mtp` the MTP logits `[T-1, vocab]`.
+    pub fn full_logits(
+        &self,
+        ids: &[u32],
+        start_pos: usize,
+        with_mtp: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        if ids.is_empty() {
+            return Err(input_err("no input ids"));
+        }
+        if !(self.is_first() && self.is_last()) {
+            return Err(input_err("full_logits needs a model holding all layers"));
+        }
+        let block_size = 16;
+        let blocks = ids.len().div_ceil(block_size);
+        let mut cache = self.new_cache(blocks, block_size);
+        let table: Vec<u32> = (0..blocks as u32).collect();
+        let step = SeqStep { cached: 0, new: ids.len(), pos_offset: start_pos, block_table: table.clone() };
+        let plan = self.plan(vec![step], &cache)?;
+        let x = self.forward_layers(self.embed(ids)?, &plan, &mut cache)?;
+        let h = self.final_norm(&x)?;
+        let logits = self.logits(&h)?;
+        let mtp = if with_mtp && ids.len() > 1 {
+            let n = ids.len() - 1;
+            let step = SeqStep { cached: 0, new: n, pos_offset: start_pos, block_table: table };
+            let plan = self.plan(vec![step], &cache)?;
+            let hm = self.mtp_hidden(&h.narrow(0, 0, n as i64), &ids[1..], &plan, &mut cache)?;
+            Some(self.logits(&hm)?)
+        } else {
+            None
+        };
+        Ok((logits, mtp))
+    }
+}
