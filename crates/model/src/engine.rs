@@ -28,7 +28,20 @@ struct Seq {
     done: bool,
 }
 
+/// Wall-clock split of the last `generate` call.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct EngineStats {
+    /// Steps that still prefilled some prompt.
+    pub prefill_secs: f64,
+    pub prefill_steps: usize,
+    /// Pure decode steps, and the tokens they produced.
+    pub decode_secs: f64,
+    pub decode_steps: usize,
+    pub decode_tokens: usize,
+}
+
 pub struct Engine<'m> {
+    stats: EngineStats,
     model: &'m Model,
     cache: LatentCache,
     alloc: BlockAllocator,
@@ -40,6 +53,7 @@ impl<'m> Engine<'m> {
     /// An engine with a cache of `num_blocks` blocks and at most `step_tokens` new tokens per step.
     pub fn new(model: &'m Model, num_blocks: usize, block_size: usize, step_tokens: usize) -> Self {
         Engine {
+            stats: EngineStats::default(),
             model,
             cache: model.new_cache(num_blocks, block_size),
             alloc: BlockAllocator::new(num_blocks, block_size),
@@ -68,6 +82,7 @@ impl<'m> Engine<'m> {
                 done: r.max_new_tokens == 0,
             })
             .collect();
+        self.stats = EngineStats::default();
         let result = self.run(reqs, &mut seqs);
         for s in &seqs {
             self.alloc.release(&s.table).map_err(|e| ModelError::Cache(e.to_string()))?;
@@ -78,6 +93,7 @@ impl<'m> Engine<'m> {
 
     fn run(&mut self, reqs: &[EngineRequest], seqs: &mut [Seq]) -> Result<()> {
         while seqs.iter().any(|s| !s.done) {
+            let started = std::time::Instant::now();
             // Decodes first (one token each), then prefill chunks in request order under the budget.
             let mut budget = self.step_tokens;
             let mut work: Vec<(usize, usize)> = Vec::new();
@@ -96,6 +112,7 @@ impl<'m> Engine<'m> {
                 }
             }
             work.sort_unstable();
+            let prefilling = work.iter().any(|&(_, n)| n > 1);
             let mut steps = Vec::with_capacity(work.len());
             let mut ids = Vec::new();
             for &(i, n) in &work {
@@ -138,6 +155,15 @@ impl<'m> Engine<'m> {
                 })
                 .collect();
             let outs = self.sampler.sample(&logits, &sample_rows)?;
+            let secs = started.elapsed().as_secs_f64();
+            if prefilling {
+                self.stats.prefill_secs += secs;
+                self.stats.prefill_steps += 1;
+            } else {
+                self.stats.decode_secs += secs;
+                self.stats.decode_steps += 1;
+                self.stats.decode_tokens += outs.len();
+            }
             for (&k, o) in sampled.iter().zip(outs) {
                 let i = work[k].0;
                 let s = &mut seqs[i];
@@ -149,6 +175,10 @@ impl<'m> Engine<'m> {
             }
         }
         Ok(())
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
     }
 
     pub fn free_blocks(&self) -> usize {

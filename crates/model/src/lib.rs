@@ -24,7 +24,7 @@ pub use attention::PrefillForm;
 pub use batch::{SeqStep, StepPlan};
 pub use cache::LatentCache;
 pub use dtype::DType;
-pub use engine::{Engine, EngineRequest};
+pub use engine::{Engine, EngineRequest, EngineStats};
 pub use error::{ModelError, Result};
 pub use loader::LoadOptions;
 pub use model::Model;

@@ -33,6 +33,9 @@ pub struct Args {
     /// Print one JSON object per prompt (`{"ids": [...]}`).
     #[arg(long)]
     json: bool,
+    /// Print prefill/decode timings as JSON on stderr.
+    #[arg(long)]
+    stats: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -69,6 +72,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let blocks = Engine::blocks_needed(&reqs, a.block_size);
     let mut engine = Engine::new(&model, blocks, a.block_size, a.step_tokens);
     let outs = engine.generate(&reqs)?;
+    if a.stats {
+        let s = engine.stats();
+        eprintln!(
+            "{}",
+            serde_json::json!({
+                "prefill_secs": s.prefill_secs,
+                "decode_secs": s.decode_secs,
+                "decode_steps": s.decode_steps,
+                "decode_tokens": s.decode_tokens,
+                "decode_tokens_per_sec": s.decode_tokens as f64 / s.decode_secs.max(1e-9),
+            })
+        );
+    }
     for ids in outs {
         if a.json {
             println!("{}", serde_json::json!({ "ids": ids }));
