@@ -151,6 +151,7 @@ impl<'m> Engine<'m> {
                         params: &reqs[work[k].0].params,
                         prompt: &s.tokens[..s.prompt_len],
                         output: &s.tokens[s.prompt_len..],
+                        generated: (s.tokens.len() - s.prompt_len) as u64,
                     }
                 })
                 .collect();

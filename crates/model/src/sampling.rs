@@ -17,10 +17,12 @@ use crate::error::{input_err, Result};
 /// What one sequence needs sampled this step.
 pub struct SampleRow<'a> {
     pub params: &'a SamplingParams,
-    /// Prompt tokens (for the repetition penalty).
+    /// Prompt tokens (for the repetition penalty; may be empty when no penalty is set).
     pub prompt: &'a [u32],
-    /// Tokens generated so far.
+    /// Tokens generated so far (for penalties; may be empty when no penalty is set).
     pub output: &'a [u32],
+    /// How many tokens were generated so far: the position in the request's random stream.
+    pub generated: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -62,7 +64,7 @@ impl Sampler {
                     argmax[i] as u32
                 }
             } else {
-                draw(&processed, p, row.output.len() as u64)
+                draw(&processed, p, row.generated)
             };
             let (logprob, top) = if p.wants_logprobs() {
                 let lp = raw.log_softmax(-1, Kind::Float);
@@ -163,7 +165,7 @@ mod tests {
     }
 
     fn sample_one(l: &Tensor, p: &SamplingParams, output: &[u32]) -> SampleOutput {
-        Sampler.sample(l, &[SampleRow { params: p, prompt: &[], output }]).unwrap().remove(0)
+        Sampler.sample(l, &[SampleRow { params: p, prompt: &[], output, generated: output.len() as u64 }]).unwrap().remove(0)
     }
 
     #[test]

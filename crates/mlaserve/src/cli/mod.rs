@@ -3,6 +3,7 @@
 
 mod generate;
 mod logits;
+mod template;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -23,6 +24,8 @@ enum Command {
     Logits(logits::Args),
     /// Generate continuations of one or more token-id prompts as one continuous batch.
     Generate(generate::Args),
+    /// Render chat messages with a model's chat template (as the router would) and print the prompt.
+    Template(template::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -33,5 +36,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Logits(a) => logits::run(a),
         Command::Generate(a) => generate::run(a),
+        Command::Template(a) => template::run(a),
     }
 }

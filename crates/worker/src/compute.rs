@@ -1,0 +1,291 @@
+//! The stage's compute side: one thread owns the model, its latent cache and the sequence registry,
+//! and runs steps strictly in arrival order. The async service hands it steps over a channel.
+
+use std::sync::mpsc;
+use std::time::Instant;
+
+use mlaserve_core::SamplingParams;
+use mlaserve_model::sampling::SampleRow;
+use mlaserve_model::{LatentCache, Model, Sampler, SeqStep};
+use mlaserve_proto::internal::v1::{HiddenStates, SampledToken, SamplingSettings, Step, TopToken};
+use tch::Tensor;
+use tokio::sync::oneshot;
+
+use crate::error::StageError;
+use crate::hidden;
+use crate::registry::{Registry, SeqState};
+
+/// What a step produced here.
+pub enum StepOutput {
+    /// Hidden states for the next stage.
+    Hidden(HiddenStates),
+    /// Sampled tokens (last stage).
+    Tokens(Vec<SampledToken>),
+    /// A step without sequences (only releases).
+    Empty,
+}
+
+pub struct StepDone {
+    pub output: StepOutput,
+    pub compute_seconds: f64,
+}
+
+enum Job {
+    Step(Box<Step>, oneshot::Sender<Result<StepDone, StageError>>),
+    Reset(oneshot::Sender<()>),
+    Active(oneshot::Sender<usize>),
+}
+
+/// Handle to the compute thread.
+#[derive(Clone)]
+pub struct Compute {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Compute {
+    pub fn spawn(model: Model, num_blocks: usize, block_size: usize) -> Compute {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("mlaserve-compute".into())
+            .spawn(move || {
+                let mut engine = StageEngine::new(model, num_blocks, block_size);
+                while let Ok(job) = rx.recv() {
+                    match job {
+                        Job::Step(step, reply) => {
+                            let r = engine.run_step_guarded(&step);
+                            let _ = reply.send(r);
+                        }
+                        Job::Reset(reply) => {
+                            engine.registry.clear();
+                            let _ = reply.send(());
+                        }
+                        Job::Active(reply) => {
+                            let _ = reply.send(engine.registry.len());
+                        }
+                    }
+                }
+            })
+            .expect("spawn compute thread");
+        Compute { tx }
+    }
+
+    pub async fn step(&self, step: Step) -> Result<StepDone, StageError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Job::Step(Box::new(step), tx))
+            .map_err(|_| StageError::internal("compute thread is gone"))?;
+        rx.await.map_err(|_| StageError::internal("compute thread dropped the step"))?
+    }
+
+    pub async fn reset(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Job::Reset(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    pub async fn active_sequences(&self) -> usize {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Job::Active(tx)).is_err() {
+            return 0;
+        }
+        rx.await.unwrap_or(0)
+    }
+}
+
+pub fn sampling_from_wire(s: &SamplingSettings) -> SamplingParams {
+    SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        min_p: s.min_p,
+        repetition_penalty: s.repetition_penalty,
+        frequency_penalty: s.frequency_penalty,
+        presence_penalty: s.presence_penalty,
+        seed: s.seed,
+        logprobs: s.logprobs,
+        top_logprobs: s.top_logprobs,
+    }
+}
+
+pub struct StageEngine {
+    model: Model,
+    cache: LatentCache,
+    registry: Registry,
+    sampler: Sampler,
+}
+
+impl StageEngine {
+    pub fn new(model: Model, num_blocks: usize, block_size: usize) -> Self {
+        let cache = model.new_cache(num_blocks, block_size);
+        StageEngine { model, cache, registry: Registry::default(), sampler: Sampler }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Runs a step; a libtorch panic becomes an INTERNAL error for this step only.
+    pub fn run_step_guarded(&mut self, step: &Step) -> Result<StepDone, StageError> {
+        let started = Instant::now();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_step(step)));
+        let output = match r {
+            Ok(r) => r?,
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| p.downcast_ref::<&str>().copied())
+                    .unwrap_or("unknown panic");
+                tracing::error!(step = step.step_id, "step failed: {msg}");
+                return Err(StageError::internal(format!("step {} failed: {msg}", step.step_id)));
+            }
+        };
+        Ok(StepDone { output, compute_seconds: started.elapsed().as_secs_f64() })
+    }
+
+    fn run_step(&mut self, step: &Step) -> Result<StepOutput, StageError> {
+        for id in &step.release {
+            self.registry.release(*id);
+        }
+        if step.seqs.is_empty() {
+            return Ok(StepOutput::Empty);
+        }
+        let num_blocks = self.cache.num_blocks() as u32;
+        // Validate everything before touching state, so a bad step leaves no trace.
+        let mut seen = std::collections::HashSet::new();
+        for w in &step.seqs {
+            if !seen.insert(w.seq_id) {
+                return Err(StageError::invalid(format!("sequence {} appears twice in step", w.seq_id)));
+            }
+            if w.token_ids.is_empty() {
+                return Err(StageError::invalid(format!("sequence {} has no new tokens", w.seq_id)));
+            }
+            if let Some(&b) = w.new_blocks.iter().find(|&&b| b >= num_blocks) {
+                return Err(StageError::invalid(format!(
+                    "sequence {}: block {b} is outside the cache ({num_blocks} blocks)",
+                    w.seq_id
+                )));
+            }
+            match (self.registry.get(w.seq_id), &w.setup) {
+                (Some(_), Some(_)) => {
+                    return Err(StageError::failed_precondition(format!(
+                        "sequence {} is already active",
+                        w.seq_id
+                    )))
+                }
+                (None, None) => {
+                    return Err(StageError::failed_precondition(format!(
+                        "sequence {} is unknown to layers {:?} (stage restarted?)",
+                        w.seq_id,
+                        self.model.layer_range()
+                    )))
+                }
+                (Some(s), None) if s.cached != w.cached as usize => {
+                    return Err(StageError::failed_precondition(format!(
+                        "sequence {}: {} tokens cached here, step says {}",
+                        w.seq_id, s.cached, w.cached
+                    )))
+                }
+                (None, Some(_)) if w.cached != 0 => {
+                    return Err(StageError::invalid(format!(
+                        "sequence {}: a new sequence starts with 0 cached tokens",
+                        w.seq_id
+                    )))
+                }
+                _ => {}
+            }
+        }
+        // Register new sequences and grow block tables.
+        let mut seq_steps = Vec::with_capacity(step.seqs.len());
+        for w in &step.seqs {
+            if let Some(setup) = &w.setup {
+                let params = setup.sampling.as_ref().map(sampling_from_wire).unwrap_or_default();
+                self.registry.insert(
+                    w.seq_id,
+                    SeqState {
+                        block_table: vec![],
+                        cached: 0,
+                        pos_offset: setup.pos_offset as usize,
+                        prompt_len: setup.prompt_len as usize,
+                        params,
+                        history: vec![],
+                    },
+                );
+            }
+            let s = self.registry.get_mut(w.seq_id).expect("registered above");
+            s.block_table.extend_from_slice(&w.new_blocks);
+            seq_steps.push(SeqStep {
+                cached: s.cached,
+                new: w.token_ids.len(),
+                pos_offset: s.pos_offset,
+                block_table: s.block_table.clone(),
+            });
+        }
+        let result = self.compute(step, seq_steps);
+        if result.is_err() {
+            // The cache contents of these sequences are unknown now: forget them.
+            for w in &step.seqs {
+                self.registry.release(w.seq_id);
+            }
+        }
+        result
+    }
+
+    fn compute(&mut self, step: &Step, seq_steps: Vec<SeqStep>) -> Result<StepOutput, StageError> {
+        let plan = self.model.plan(seq_steps, &self.cache)?;
+        let total = plan.total_tokens;
+        let x = if self.model.is_first() {
+            let ids: Vec<u32> = step.seqs.iter().flat_map(|w| w.token_ids.iter().copied()).collect();
+            self.model.embed(&ids)?
+        } else {
+            let h = step.hidden.as_ref().ok_or_else(|| StageError::invalid("step lacks hidden states"))?;
+            hidden::decode(h, total, self.model.config().hidden_size)?.to_device(self.model.device())
+        };
+        let x = self.model.forward_layers(x, &plan, &mut self.cache)?;
+        for w in &step.seqs {
+            let s = self.registry.get_mut(w.seq_id).expect("registered");
+            s.cached += w.token_ids.len();
+            if s.keeps_history() {
+                s.history.extend_from_slice(&w.token_ids);
+            }
+        }
+        if !self.model.is_last() {
+            return Ok(StepOutput::Hidden(hidden::encode(&x)));
+        }
+        let sampled: Vec<usize> = (0..step.seqs.len()).filter(|&i| step.seqs[i].sample).collect();
+        if sampled.is_empty() {
+            return Ok(StepOutput::Tokens(vec![]));
+        }
+        let rows: Vec<i64> = sampled.iter().map(|&i| plan.last_rows[i]).collect();
+        let h = self.model.final_norm(&x.index_select(0, &Tensor::from_slice(&rows).to_device(x.device())))?;
+        let logits = self.model.logits(&h)?;
+        let states: Vec<&SeqState> =
+            sampled.iter().map(|&i| self.registry.get(step.seqs[i].seq_id).expect("registered")).collect();
+        let rows: Vec<SampleRow> = states
+            .iter()
+            .map(|s| {
+                let split = s.prompt_len.min(s.history.len());
+                SampleRow {
+                    params: &s.params,
+                    prompt: &s.history[..split],
+                    output: &s.history[split..],
+                    generated: s.cached.saturating_sub(s.prompt_len) as u64,
+                }
+            })
+            .collect();
+        let outs = self.sampler.sample(&logits, &rows)?;
+        Ok(StepOutput::Tokens(
+            sampled
+                .iter()
+                .zip(outs)
+                .map(|(&i, o)| SampledToken {
+                    seq_id: step.seqs[i].seq_id,
+                    token_id: o.token,
+                    logprob: o.logprob,
+                    top: o.top.into_iter().map(|(token_id, logprob)| TopToken { token_id, logprob }).collect(),
+                })
+                .collect(),
+        ))
+    }
+}

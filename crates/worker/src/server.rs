@@ -1,0 +1,149 @@
+//! Worker process assembly: bind, report NOT_SERVING while the model loads, then serve steps.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use mlaserve_model::{DType, LoadOptions, Model};
+use mlaserve_proto::internal::v1::stage_server::StageServer;
+use mlaserve_proto::internal::v1::StageInfo;
+use tch::Device;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::compute::Compute;
+use crate::error::StageError;
+use crate::service::{StageFacts, StageService};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub model_dir: PathBuf,
+    pub layers: Range<usize>,
+    pub listen: SocketAddr,
+    pub expert_shards: usize,
+    pub device: DeviceKind,
+    pub dtype: DType,
+    pub kv_blocks: usize,
+    pub block_size: usize,
+}
+
+/// The devices of a stage: the main one (attention, norms, shared experts) and one per expert shard.
+fn devices(opts: &WorkerOptions) -> Result<(Device, Vec<Device>), StageError> {
+    let g = opts.expert_shards.max(1);
+    match opts.device {
+        DeviceKind::Cpu => Ok((Device::Cpu, vec![Device::Cpu; g])),
+        DeviceKind::Cuda => {
+            if !tch::Cuda::is_available() {
+                return Err(StageError::failed_precondition(
+                    "--device cuda: no CUDA device is usable (is this binary built with `--features cuda`?)",
+                ));
+            }
+            let n = tch::Cuda::device_count() as usize;
+            if g > n {
+                return Err(StageError::invalid(format!("--expert-shards {g} exceeds the {n} CUDA devices")));
+            }
+            Ok((Device::Cuda(0), (0..g).map(Device::Cuda).collect()))
+        }
+    }
+}
+
+fn load(opts: &WorkerOptions) -> Result<(Compute, StageFacts), StageError> {
+    let (device, expert_devices) = devices(opts)?;
+    let model = Model::load(
+        &opts.model_dir,
+        &LoadOptions {
+            dtype: opts.dtype,
+            device,
+            layers: Some(opts.layers.clone()),
+            mtp: true,
+            expert_devices,
+            ..Default::default()
+        },
+    )?;
+    let c = model.config();
+    let cache_bytes = opts.kv_blocks
+        * opts.block_size
+        * c.latent_dim()
+        * opts.dtype.size_in_bytes()
+        * (model.layer_range().len() + usize::from(model.has_mtp()));
+    let info = StageInfo {
+        layer_start: opts.layers.start as u32,
+        layer_end: opts.layers.end as u32,
+        num_hidden_layers: c.num_hidden_layers as u32,
+        first: model.is_first(),
+        last: model.is_last(),
+        has_mtp: model.has_mtp(),
+        dtype: opts.dtype.to_string(),
+        device: match opts.device {
+            DeviceKind::Cpu => "cpu".into(),
+            DeviceKind::Cuda => "cuda".into(),
+        },
+        expert_shards: model.expert_shards() as u32,
+        kv_blocks: opts.kv_blocks as u32,
+        block_size: opts.block_size as u32,
+        hidden_size: c.hidden_size as u32,
+        vocab_size: c.vocab_size as u32,
+        model_type: c.model_type.clone(),
+        cache_bytes: cache_bytes as u64,
+        active_sequences: 0,
+    };
+    let compute = Compute::spawn(model, opts.kv_blocks, opts.block_size);
+    Ok((compute, StageFacts { info }))
+}
+
+/// Serves one stage until `shutdown` resolves. The listener is bound before the model loads so
+/// health checks answer (NOT_SERVING) during long loads.
+pub async fn serve(
+    opts: WorkerOptions,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StageError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_not_serving::<StageServer<StageService>>().await;
+    let loaded: Arc<OnceLock<(Compute, StageFacts)>> = Arc::new(OnceLock::new());
+    let service = StageServer::new(StageService::new(loaded.clone()))
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    let (refl_v1, refl_v1alpha) = mlaserve_proto::reflection_services();
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health)
+        .add_service(refl_v1)
+        .add_service(refl_v1alpha)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+    let server = tokio::spawn(server);
+
+    let load_opts = opts.clone();
+    let started = std::time::Instant::now();
+    let loaded_stage = tokio::task::spawn_blocking(move || load(&load_opts))
+        .await
+        .map_err(|e| StageError::internal(format!("model loading panicked: {e}")))?;
+    match loaded_stage {
+        Ok(stage) => {
+            let _ = loaded.set(stage);
+            reporter.set_serving::<StageServer<StageService>>().await;
+            tracing::info!(
+                layers = ?opts.layers,
+                secs = started.elapsed().as_secs_f64(),
+                "stage ready"
+            );
+        }
+        Err(e) => {
+            server.abort();
+            return Err(e);
+        }
+    }
+    server
+        .await
+        .map_err(|e| StageError::internal(format!("server task: {e}")))?
+        .map_err(|e| StageError::internal(format!("server: {e}")))
+}

@@ -1,0 +1,267 @@
+//! The `mlaserve.internal.v1.Stage` service: sessions, step streams and forwarding to the next stage.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use mlaserve_proto::internal::v1::stage_client::StageClient;
+use mlaserve_proto::internal::v1::stage_server::Stage;
+use mlaserve_proto::internal::v1::{
+    stage_message, Connect, Hop, InfoRequest, StageInfo, StageMessage, StageTiming, Step, StepError, StepResult,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::compute::{Compute, StepOutput};
+use crate::error::StageError;
+
+/// Static facts about the loaded stage, set once loading finishes.
+#[derive(Clone, Debug)]
+pub struct StageFacts {
+    pub info: StageInfo,
+}
+
+pub struct StageService {
+    loaded: Arc<OnceLock<(Compute, StageFacts)>>,
+    session: Arc<AtomicU64>,
+    connect_timeout: Duration,
+}
+
+/// Messages buffered per direction; bounds memory when a neighbour is slow.
+const STREAM_BUFFER: usize = 64;
+
+impl StageService {
+    pub fn new(loaded: Arc<OnceLock<(Compute, StageFacts)>>) -> Self {
+        StageService { loaded, session: Arc::new(AtomicU64::new(0)), connect_timeout: Duration::from_secs(10) }
+    }
+
+    fn ready(&self) -> Result<&(Compute, StageFacts), Status> {
+        self.loaded.get().ok_or_else(|| Status::unavailable("stage is still loading its model"))
+    }
+}
+
+type ResultStream = Pin<Box<dyn Stream<Item = Result<StepResult, Status>> + Send>>;
+
+fn step_error(step_id: u64, e: StageError) -> StepResult {
+    StepResult {
+        step_id,
+        tokens: vec![],
+        error: Some(StepError { code: e.code as i32, message: e.message }),
+        timings: vec![],
+    }
+}
+
+/// Opens the Run stream to the next stage and sends its Connect.
+async fn connect_downstream(
+    hop: &Hop,
+    rest: &[Hop],
+    session_id: &str,
+    timeout: Duration,
+) -> Result<(mpsc::Sender<StageMessage>, Streaming<StepResult>), Status> {
+    let addr = hop.address.as_str();
+    let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+    let endpoint = Endpoint::from_shared(uri)
+        .map_err(|e| Status::invalid_argument(format!("bad stage address {addr:?}: {e}")))?
+        .connect_timeout(timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5));
+    let channel: Channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot reach next stage {addr}: {e}")))?;
+    let mut client =
+        StageClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
+    let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+    tx.send(StageMessage {
+        msg: Some(stage_message::Msg::Connect(Connect {
+            downstream: rest.to_vec(),
+            session_id: session_id.to_string(),
+            expect_layer_start: hop.layer_start,
+            expect_layer_end: hop.layer_end,
+        })),
+    })
+    .await
+    .map_err(|_| Status::internal("downstream channel closed"))?;
+    let results = client
+        .run(ReceiverStream::new(rx))
+        .await
+        .map_err(|e| Status::unavailable(format!("next stage {addr}: {}", e.message())))?
+        .into_inner();
+    Ok((tx, results))
+}
+
+#[tonic::async_trait]
+impl Stage for StageService {
+    type RunStream = ResultStream;
+
+    async fn info(&self, _req: Request<InfoRequest>) -> Result<Response<StageInfo>, Status> {
+        let (compute, facts) = self.ready()?;
+        let mut info = facts.info.clone();
+        info.active_sequences = compute.active_sequences().await as u32;
+        Ok(Response::new(info))
+    }
+
+    async fn run(&self, req: Request<Streaming<StageMessage>>) -> Result<Response<Self::RunStream>, Status> {
+        let (compute, facts) = self.ready()?.clone();
+        let mut inbound = req.into_inner();
+        let connect = match inbound.message().await? {
+            Some(StageMessage { msg: Some(stage_message::Msg::Connect(c)) }) => c,
+            _ => return Err(Status::invalid_argument("the first message of a Run stream must be `connect`")),
+        };
+        let info = &facts.info;
+        if (connect.expect_layer_start, connect.expect_layer_end) != (info.layer_start, info.layer_end) {
+            return Err(Status::failed_precondition(format!(
+                "this stage holds layers {}..{}, the caller expects {}..{}",
+                info.layer_start, info.layer_end, connect.expect_layer_start, connect.expect_layer_end
+            )));
+        }
+        if info.last != connect.downstream.is_empty() {
+            return Err(Status::failed_precondition(if info.last {
+                "this stage holds the last layer but was given downstream stages".to_string()
+            } else {
+                format!("this stage ends at layer {} but no next stage was given", info.layer_end)
+            }));
+        }
+        // A new session replaces any earlier one: its sequences are gone.
+        let session = self.session.fetch_add(1, Ordering::SeqCst) + 1;
+        compute.reset().await;
+        tracing::info!(session_id = %connect.session_id, downstream = ?connect.downstream, "stage session started");
+
+        let (up_tx, up_rx) = mpsc::channel::<Result<StepResult, Status>>(STREAM_BUFFER);
+        let downstream = match connect.downstream.split_first() {
+            Some((next, rest)) => {
+                Some(connect_downstream(next, rest, &connect.session_id, self.connect_timeout).await?)
+            }
+            None => None,
+        };
+        let layers = (info.layer_start, info.layer_end);
+        let down_tx = match downstream {
+            Some((down_tx, mut results)) => {
+                let next = connect.downstream[0].address.clone();
+                let up = up_tx.clone();
+                // Relay results from the next stage upward; a broken next stage ends this session.
+                tokio::spawn(async move {
+                    loop {
+                        match results.next().await {
+                            Some(Ok(r)) => {
+                                if up.send(Ok(r)).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Some(Err(e)) => {
+                                let _ = up
+                                    .send(Err(Status::unavailable(format!(
+                                        "stage {next} failed: {}",
+                                        e.message()
+                                    ))))
+                                    .await;
+                                break;
+                            }
+                            None => {
+                                let _ = up
+                                    .send(Err(Status::unavailable(format!("stage {next} closed its stream"))))
+                                    .await;
+                                break;
+                            }
+                        }
+                    }
+                });
+                Some(down_tx)
+            }
+            None => None,
+        };
+
+        let session_counter = self.session.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::info!("upstream stream ended: {}", e.message());
+                        break;
+                    }
+                };
+                if session_counter.load(Ordering::SeqCst) != session {
+                    let _ = up_tx.send(Err(Status::aborted("replaced by a newer session"))).await;
+                    break;
+                }
+                let Some(stage_message::Msg::Step(step)) = msg.msg else {
+                    let _ = up_tx.send(Err(Status::invalid_argument("`connect` may only be sent once"))).await;
+                    break;
+                };
+                if !process_step(&compute, step, layers, down_tx.as_ref(), &up_tx).await {
+                    break;
+                }
+            }
+            // Dropping down_tx ends the next stage's session too.
+            if session_counter.load(Ordering::SeqCst) == session {
+                compute.reset().await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(up_rx))))
+    }
+}
+
+/// Computes one step and passes it on (or answers, on the last stage). Returns false when the
+/// session cannot continue.
+async fn process_step(
+    compute: &Compute,
+    mut step: Step,
+    layers: (u32, u32),
+    down_tx: Option<&mpsc::Sender<StageMessage>>,
+    up_tx: &mpsc::Sender<Result<StepResult, Status>>,
+) -> bool {
+    let step_id = step.step_id;
+    let span = tracing::info_span!(
+        "stage_forward",
+        step_id,
+        layers = ?(layers.0..layers.1),
+        batch = step.seqs.len(),
+        tokens = step.seqs.iter().map(|s| s.token_ids.len()).sum::<usize>()
+    );
+    let _enter = span.enter();
+    let input = std::mem::take(&mut step.hidden);
+    let mut to_run = step.clone();
+    to_run.hidden = input;
+    let done = compute.step(to_run).await;
+    let done = match done {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(step_id, "step failed: {e}");
+            // Later stages never see this step; their sequences are dropped with the next release.
+            return up_tx.send(Ok(step_error(step_id, e))).await.is_ok();
+        }
+    };
+    let timing = StageTiming {
+        layer_start: layers.0,
+        layer_end: layers.1,
+        compute_seconds: done.compute_seconds,
+        hidden_bytes_sent: 0,
+    };
+    match (done.output, down_tx) {
+        (StepOutput::Hidden(h), Some(down)) => {
+            step.hidden = Some(h);
+            down.send(StageMessage { msg: Some(stage_message::Msg::Step(step)) }).await.is_ok()
+        }
+        (StepOutput::Empty, Some(down)) => {
+            down.send(StageMessage { msg: Some(stage_message::Msg::Step(step)) }).await.is_ok()
+        }
+        (StepOutput::Tokens(tokens), None) => {
+            up_tx.send(Ok(StepResult { step_id, tokens, error: None, timings: vec![timing] })).await.is_ok()
+        }
+        (StepOutput::Empty, None) => up_tx
+            .send(Ok(StepResult { step_id, tokens: vec![], error: None, timings: vec![timing] }))
+            .await
+            .is_ok(),
+        _ => up_tx
+            .send(Ok(step_error(step_id, StageError::internal("stage output does not match its position"))))
+            .await
+            .is_ok(),
+    }
+}
