@@ -232,12 +232,49 @@ def save_checkpoint(out: str, c: dict, weights: dict, dtype=torch.bfloat16, fp8:
     return exact
 
 
+CORPUS = os.path.join(os.path.dirname(__file__), "..", "..", "crates", "mlaserve", "assets", "demo-corpus.txt")
+SPECIAL = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"]
+# A minimal template for tests that only need chat input to work; the DeepSeek-V3 template itself is
+# tested separately.
+SIMPLE_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+                   "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'] }}<｜end▁of▁sentence｜>"
+                   "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+                   "{% if add_generation_prompt %}<｜Assistant｜>{% endif %}")
+
+
+def write_tokenizer(out: str, vocab_size: int):
+    """A byte-level BPE trained on the demo corpus, padded with extra tokens to exactly `vocab_size`
+    entries, BOS = 0, EOS = 1, plus a tokenizer_config.json with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=max(vocab_size - 8, 300), min_frequency=2, show_progress=False,
+                                  special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    with open(CORPUS, encoding="utf-8") as f:
+        tok.train_from_iterator([l for l in f if l.strip()], trainer)
+    n = tok.get_vocab_size(with_added_tokens=True)
+    if n > vocab_size:
+        raise ValueError(f"tokenizer has {n} tokens, the model only {vocab_size}")
+    tok.add_special_tokens([f"<extra_{i}>" for i in range(vocab_size - n)])
+    tok.post_processor = processors.TemplateProcessing(single=f"{SPECIAL[0]} $A", pair=f"{SPECIAL[0]} $A $B",
+                                                       special_tokens=[(SPECIAL[0], 0)])
+    tok.save(os.path.join(out, "tokenizer.json"))
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": SPECIAL[0], "eos_token": SPECIAL[1], "add_bos_token": True,
+                   "model_max_length": 163840, "chat_template": SIMPLE_TEMPLATE}, f, ensure_ascii=False, indent=1)
+
+
 def build(out: str, preset: str, seed: int = 0, dtype: str = "f32", fp8: bool = False, shards: int = 1,
-          mtp_agrees: bool = False):
+          mtp_agrees: bool = False, tokenizer: bool = True):
     c = make_config(preset, fp8=fp8, mtp_agrees=mtp_agrees)
     w = make_weights(c, seed=seed, mtp_agrees=mtp_agrees)
     dt = torch.float32 if dtype == "f32" else torch.bfloat16
-    return c, save_checkpoint(out, c, w, dtype=dt, fp8=fp8, shards=shards)
+    exact = save_checkpoint(out, c, w, dtype=dt, fp8=fp8, shards=shards)
+    if tokenizer and c["vocab_size"] >= 300:
+        write_tokenizer(out, c["vocab_size"])
+    return c, exact
 
 
 def main():

@@ -4,5 +4,18 @@
 
 pub mod chat_template;
 pub mod detokenize;
+pub mod options;
+pub mod pipeline;
+pub mod request;
+pub mod scheduler;
+pub mod server;
+pub mod service;
 pub mod stop;
 pub mod tokenizer;
+
+pub use options::RouterOptions;
+pub use server::{load_model_facts, serve, RouterError};
+pub use chat_template::{ChatTemplate, TemplateError, DEEPSEEK_V3_TEMPLATE};
+pub use detokenize::IncrementalDetokenizer;
+pub use stop::{StopMatcher, StopOutcome};
+pub use tokenizer::{TokenizerError, TokenizerInfo};

@@ -1,10 +1,8 @@
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use mlaserve_model::{DType, LoadOptions, Model, PrefillForm};
-use safetensors::tensor::{Dtype, TensorView};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use super::util::parse_ids;
 
@@ -60,26 +58,5 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if let Some(m) = mtp {
         out.push(("mtp_logits", m));
     }
-    write_f32_safetensors(&out, &a.out)
-}
-
-/// Writes f32 tensors to a safetensors file.
-pub fn write_f32_safetensors(tensors: &[(&str, Tensor)], path: &std::path::Path) -> anyhow::Result<()> {
-    let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(name, t)| {
-            let t = t.to_kind(Kind::Float).contiguous();
-            let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
-            let values: Vec<f32> = Vec::try_from(t.flatten(0, -1))?;
-            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            Ok((name.to_string(), shape, bytes))
-        })
-        .collect::<anyhow::Result<_>>()?;
-    let views: HashMap<String, TensorView> = data
-        .iter()
-        .map(|(n, s, b)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
-        .collect::<anyhow::Result<_>>()?;
-    safetensors::serialize_to_file(&views, None, path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    Tensor::write_safetensors(&out, &a.out).with_context(|| format!("writing {}", a.out.display()))
 }

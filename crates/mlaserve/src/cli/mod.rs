@@ -1,10 +1,15 @@
 //! Command-line interface. Command names, flags and outputs here are a stable interface that tests,
 //! the Helm chart and users rely on.
 
+mod client;
+mod demo;
 mod generate;
 mod logits;
+mod router;
+mod serve;
 mod template;
 mod util;
+mod worker;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +31,18 @@ enum Command {
     Generate(generate::Args),
     /// Render chat messages with a model's chat template (as the router would) and print the prompt.
     Template(template::Args),
+    /// Serve one pipeline stage (a range of layers) over the internal gRPC protocol.
+    Worker(worker::Args),
+    /// Serve the public API, driving the given pipeline stages.
+    Router(router::Args),
+    /// All in one: a router and one worker process per stage on this machine.
+    Serve(serve::Args),
+    /// Stream a completion of a text prompt from a running router.
+    Complete(client::CompleteArgs),
+    /// Chat with a running router (one message, or interactively from stdin).
+    Chat(client::ChatArgs),
+    /// Build (if needed) the random demo model and print its directory.
+    DemoModel,
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -37,5 +54,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Logits(a) => logits::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Template(a) => template::run(a),
+        Command::Worker(a) => worker::run(a),
+        Command::Router(a) => router::run(a),
+        Command::Serve(a) => serve::run(a),
+        Command::Complete(a) => client::complete(a),
+        Command::Chat(a) => client::chat(a),
+        Command::DemoModel => {
+            println!("{}", demo::ensure_demo_model()?.display());
+            Ok(())
+        }
     }
 }

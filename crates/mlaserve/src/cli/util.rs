@@ -1,3 +1,5 @@
+use std::net::SocketAddr;
+use std::ops::Range;
 use std::str::FromStr;
 
 use anyhow::{bail, Context};
@@ -15,9 +17,50 @@ pub fn parse_ids(s: &str) -> anyhow::Result<Vec<u32>> {
     Ok(ids)
 }
 
-/// Logs to stderr; `RUST_LOG` filters (default: warnings).
+/// Parses a layer range "START..END".
+pub fn parse_layers(s: &str) -> Result<Range<usize>, String> {
+    let (a, b) = s.split_once("..").ok_or_else(|| format!("expected START..END, got {s:?}"))?;
+    let start: usize = a.trim().parse().map_err(|_| format!("bad layer start {a:?}"))?;
+    let end: usize = b.trim().parse().map_err(|_| format!("bad layer end {b:?}"))?;
+    if start >= end {
+        return Err(format!("empty layer range {s:?}"));
+    }
+    Ok(start..end)
+}
+
+/// Binds a TCP listener and prints the bound address (useful with port 0) on stdout.
+pub async fn bind(addr: SocketAddr, role: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    let local = l.local_addr()?;
+    println!("MLASERVE_LISTENING {role} {local}");
+    tracing::info!(%local, role, "listening");
+    Ok(l)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    tracing::info!("shutdown signal received");
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default: info for mlaserve, warnings otherwise).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,mlaserve=info"));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }

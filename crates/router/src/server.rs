@@ -1,0 +1,82 @@
+//! Router process assembly: model facts, tokenizer, scheduler, and the public gRPC server with
+//! health and reflection.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mlaserve_core::ModelConfig;
+use mlaserve_proto::v1::generation_server::GenerationServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::options::RouterOptions;
+use crate::scheduler::{Scheduler, SchedulerHandle};
+use crate::service::GenerationService;
+use crate::tokenizer::TokenizerInfo;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error(transparent)]
+    Config(#[from] mlaserve_core::ConfigError),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    #[error("server: {0}")]
+    Server(String),
+}
+
+/// Everything the router needs from the model directory: config.json and the tokenizer files.
+pub fn load_model_facts(dir: &Path) -> Result<(ModelConfig, TokenizerInfo), RouterError> {
+    Ok((ModelConfig::from_dir(dir)?, TokenizerInfo::from_dir(dir)?))
+}
+
+/// Serves the public API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    dir: &Path,
+    opts: RouterOptions,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RouterError> {
+    let (config, tok) = load_model_facts(dir)?;
+    let tok = Arc::new(tok);
+    let max_total = config.max_position_embeddings;
+    let scheduler = Scheduler::spawn(tok.clone(), config.clone(), opts.clone(), max_total);
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_service_status("", ServingStatus::NotServing).await;
+    reporter.set_not_serving::<GenerationServer<GenerationService>>().await;
+    tokio::spawn(track_health(scheduler.clone(), reporter));
+    let service = GenerationServer::new(GenerationService { tok, config, opts: opts.clone(), scheduler })
+        .max_decoding_message_size(opts.max_request_bytes)
+        .max_encoding_message_size(64 << 20);
+    let (refl_v1, refl_v1alpha) = mlaserve_proto::reflection_services();
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health)
+        .add_service(refl_v1)
+        .add_service(refl_v1alpha)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .map_err(|e| RouterError::Server(e.to_string()))
+}
+
+/// Mirrors the pipeline's state into grpc.health.v1 (overall and per service).
+async fn track_health(scheduler: SchedulerHandle, reporter: tonic_health::server::HealthReporter) {
+    let mut last = None;
+    loop {
+        let healthy = scheduler.healthy();
+        if last != Some(healthy) {
+            let status = if healthy { ServingStatus::Serving } else { ServingStatus::NotServing };
+            reporter.set_service_status("", status).await;
+            if healthy {
+                reporter.set_serving::<GenerationServer<GenerationService>>().await;
+            } else {
+                reporter.set_not_serving::<GenerationServer<GenerationService>>().await;
+            }
+            last = Some(healthy);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,183 @@
+//! The public `mlaserve.v1.Generation` service.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mlaserve_core::ModelConfig;
+use mlaserve_proto::v1::generation_server::Generation;
+use mlaserve_proto::v1::{
+    DetokenizeRequest, DetokenizeResponse, GenerateRequest, GenerateResponse, ModelInfoRequest,
+    ModelInfoResponse, RenderChatRequest, RenderChatResponse, StageStatus, TokenizeRequest, TokenizeResponse,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::Stream;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status};
+
+use crate::options::RouterOptions;
+use crate::request::{render_chat_request, validate_generate, ModelLimits};
+use crate::scheduler::SchedulerHandle;
+use crate::tokenizer::TokenizerInfo;
+
+pub struct GenerationService {
+    pub tok: Arc<TokenizerInfo>,
+    pub config: ModelConfig,
+    pub opts: RouterOptions,
+    pub scheduler: SchedulerHandle,
+}
+
+/// Parses the `grpc-timeout` header ("100m", "5S", ...): the client's deadline.
+pub fn grpc_timeout(md: &MetadataMap) -> Option<Duration> {
+    let v = md.get("grpc-timeout")?.to_str().ok()?;
+    if v.len() < 2 {
+        return None;
+    }
+    let (num, unit) = v.split_at(v.len() - 1);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+impl GenerationService {
+    fn limits(&self) -> ModelLimits {
+        ModelLimits {
+            vocab_size: self.config.vocab_size,
+            max_total_tokens: self.scheduler.max_total_tokens(),
+            eos_token_ids: self.config.eos_token_ids.clone(),
+        }
+    }
+}
+
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Generation for GenerationService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
+        let deadline = grpc_timeout(req.metadata()).map(|d| Instant::now() + d);
+        let r = req.into_inner();
+        let valid = validate_generate(&r, &self.tok, &self.limits(), &self.opts, deadline)?;
+        tracing::debug!(request_id = %valid.request_id, prompt_tokens = valid.prompt_ids.len(), "generate");
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.scheduler.submit(valid, tx)?;
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+
+    async fn tokenize(&self, req: Request<TokenizeRequest>) -> Result<Response<TokenizeResponse>, Status> {
+        let r = req.into_inner();
+        let (ids, tokens) = self
+            .tok
+            .encode_with_tokens(&r.text, r.add_special_tokens.unwrap_or(true))
+            .map_err(|e| Status::invalid_argument(format!("`text`: {e}")))?;
+        Ok(Response::new(TokenizeResponse { ids, tokens }))
+    }
+
+    async fn detokenize(&self, req: Request<DetokenizeRequest>) -> Result<Response<DetokenizeResponse>, Status> {
+        let r = req.into_inner();
+        if let Some((i, t)) = r.ids.iter().enumerate().find(|(_, &t)| t as usize >= self.config.vocab_size) {
+            return Err(Status::invalid_argument(format!(
+                "`ids[{i}]` = {t} is outside the vocabulary ({} tokens)",
+                self.config.vocab_size
+            )));
+        }
+        let text = self
+            .tok
+            .decode(&r.ids, r.skip_special_tokens)
+            .map_err(|e| Status::invalid_argument(format!("`ids`: {e}")))?;
+        Ok(Response::new(DetokenizeResponse { text }))
+    }
+
+    async fn render_chat(&self, req: Request<RenderChatRequest>) -> Result<Response<RenderChatResponse>, Status> {
+        let (prompt, ids) = render_chat_request(&self.tok, &req.into_inner())?;
+        Ok(Response::new(RenderChatResponse { prompt, ids }))
+    }
+
+    async fn model_info(&self, _req: Request<ModelInfoRequest>) -> Result<Response<ModelInfoResponse>, Status> {
+        let snap = self.scheduler.snapshot().await;
+        let c = &self.config;
+        let max_total = self.scheduler.max_total_tokens();
+        let stages = snap
+            .stages
+            .iter()
+            .map(|s| StageStatus {
+                address: s.address.clone(),
+                layer_start: s.info.layer_start,
+                layer_end: s.info.layer_end,
+                expert_shards: s.info.expert_shards,
+                device: s.info.device.clone(),
+                healthy: snap.healthy,
+                error: if snap.healthy { String::new() } else { snap.last_error.clone().unwrap_or_default() },
+            })
+            .collect();
+        let geometry = snap.geometry.unwrap_or(crate::pipeline::CacheGeometry { num_blocks: 0, block_size: 0 });
+        Ok(Response::new(ModelInfoResponse {
+            model_id: self.opts.model_id.clone(),
+            model_type: c.model_type.clone(),
+            dtype: snap.stages.first().map(|s| s.info.dtype.clone()).unwrap_or_default(),
+            vocab_size: c.vocab_size as u32,
+            hidden_size: c.hidden_size as u32,
+            num_hidden_layers: c.num_hidden_layers as u32,
+            num_routed_experts: c.n_routed_experts as u32,
+            experts_per_token: c.num_experts_per_tok as u32,
+            kv_lora_rank: c.kv_lora_rank as u32,
+            qk_rope_head_dim: c.qk_rope_head_dim as u32,
+            has_mtp: c.has_mtp(),
+            has_chat_template: self.tok.chat_template().is_some(),
+            eos_token_ids: c.eos_token_ids.clone(),
+            bos_token_id: c.bos_token_id,
+            max_position_embeddings: c.max_position_embeddings as u32,
+            max_input_tokens: if self.opts.max_input_tokens > 0 {
+                self.opts.max_input_tokens.min(max_total.saturating_sub(1)) as u32
+            } else {
+                max_total.saturating_sub(1) as u32
+            },
+            max_total_tokens: max_total as u32,
+            max_new_tokens: self.opts.max_new_tokens as u32,
+            default_max_new_tokens: self.opts.default_max_new_tokens as u32,
+            max_stop_sequences: self.opts.max_stop_sequences as u32,
+            max_queue: self.opts.max_queue as u32,
+            stages,
+            healthy: snap.healthy,
+            kv_blocks_total: geometry.num_blocks as u32,
+            kv_blocks_free: snap.blocks_free as u32,
+            block_size: geometry.block_size as u32,
+            running_sequences: snap.running as u32,
+            waiting_sequences: snap.waiting as u32,
+            prefix_cache_hits: 0,
+            prefix_cache_queries: 0,
+            prefix_cached_blocks: 0,
+            speculative_decoding: false,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_grpc_timeouts() {
+        let mut md = MetadataMap::new();
+        for (v, want) in [
+            ("100m", Duration::from_millis(100)),
+            ("5S", Duration::from_secs(5)),
+            ("2M", Duration::from_secs(120)),
+            ("7u", Duration::from_micros(7)),
+        ] {
+            md.insert("grpc-timeout", v.parse().unwrap());
+            assert_eq!(grpc_timeout(&md), Some(want), "{v}");
+        }
+        md.insert("grpc-timeout", "5x".parse().unwrap());
+        assert_eq!(grpc_timeout(&md), None);
+    }
+}
