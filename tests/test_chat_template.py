@@ -472,6 +472,106 @@ def test_python_printing_and_whitespace_match_transformers(models_root, tmp_path
     compare(tmp_path, models_root["alternating"], messages[:1], None)
 
 
+# Single expressions covering the jinja2 features templates use: filters, tests, Python methods,
+# loop variables, macros, printing of non-string values. Rendered as one template, one line each.
+FEATURE_LINES = [
+    "{{ 'a' ~ none ~ true ~ 1.5 }}",
+    "{{ m.content[-5:] }}|{{ m.content[::-1] }}|{{ m.content[2:7] }}",
+    "{{ m.d.items() | list | tojson }}|{{ m.d | items | list }}",
+    "{{ messages[1].content | indent(2) }}|{{ messages[1].content | indent(2, true) }}",
+    "{{ \"it's a dog's life\" | title }}|{{ 'hello WORLD' | capitalize }}|{{ m.content | lower | title }}",
+    "{{ m.lst | sort | list }}|{{ m.lst | max }}|{{ m.lst | min }}|{{ m.lst | sum }}|{{ m.lst[1:] }}",
+    "{{ m.content | replace('l', 'L', 2) }}|{{ m.content.split(',') }}|{{ m.content.strip().lower() }}",
+    "{{ m.content | wordcount }}|{{ m.content | truncate(9) }}|{{ m.content | trim | center(30) }}",
+    "{{ '%s-%d' | format('a', 3) }}|{{ '{} and {}'.format('a', 'b') }}",
+    "{{ messages | map(attribute='role') | list }}|{{ messages | selectattr('role', 'eq', 'user') | map(attribute='n') | first }}",
+    "{{ m.missing is defined }}|{{ m.missing }}|{{ m.missing | default('dflt') }}|{{ m.get('zz', 7) }}|{{ m.get('n') }}",
+    "{{ m.n * 2 }}|{{ m.f * 2 }}|{{ m.n / 2 }}|{{ 2 ** 0.5 }}|{{ (0.1 + 0.2) | round(2) }}|{{ 2.567 | round(1, 'floor') }}",
+    "{{ m.n | string + 'x' }}|{{ m.f | int }}|{{ '3' | int + 1 }}|{{ '2.5' | float }}|{{ 1e20 | int }}",
+    "{% for x in messages %}{{ loop.index }}/{{ loop.length }}/{{ loop.revindex }}/{{ loop.first }}/{{ loop.last }}/{{ loop.cycle('a', 'b') }};{% endfor %}",
+    "{% for x in messages if x.role == 'assistant' %}{{ x.role }}{% else %}none{% endfor %}",
+    "{% for k, v in m.d | dictsort %}{{ k }}={{ v }},{% endfor %}",
+    "{{ m | length }}|{{ m.content | length }}|{{ messages | length }}|{{ m.keys() | list }}",
+    "{{ m.d }}|{{ m.lst }}|{{ [m.f, 1e100, 1e-10, -0.0, 123456789.0] }}|{{ messages | first }}",
+    "{{ dict(a=1, b=none) }}|{{ dict(a=1) | tojson }}|{{ m.d | tojson(indent=2) }}",
+    "{% set ns = namespace(x=[]) %}{% set ns.x = ns.x + [1] %}{% set ns.x = ns.x + [2] %}{{ ns.x }}",
+    "{{ 'x' if m.n > 2 else 'y' }}|{{ m.n in [1, 2, 3] }}|{{ 'ell' in m.content }}|{{ 'n' in m }}",
+    "{{ m.content.startswith(('  H', 'x')) }}|{{ m.content.endswith('me  ') }}|{{ m.content.find('World') }}",
+    "{{ messages[1].content.splitlines() }}|{{ '  a  b '.split() }}|{{ 'a,b,,c'.split(',', 1) }}|{{ m.content.count('l') }}",
+    "{{ 'Hello'.isupper() }}|{{ '123'.isdigit() }}|{{ 'ab'.upper() }}|{{ '--x--'.strip('-') }}|{{ 'xxa'.lstrip('x') }}",
+    "{{ m['d']['a'][1]['c'] }}|{{ m.d.a[1].c is none }}|{{ none is none }}|{{ 0 is false }}|{{ true is true }}",
+    "{{ [1, 2] + [3] }}|{{ 'ab' * 3 }}|{{ 7 // 2 }}|{{ -7 // 2 }}|{{ -7 % 3 }}|{{ 7 / 7 }}",
+    "{%- macro greet(name, punct='!') -%}Hi {{ name }}{{ punct }}{%- endmacro -%}{{ greet('a') }} {{ greet('b', punct='?') }}",
+    "{% set greeting %}Hello {{ m.role }}{% endset %}{{ greeting | upper }}",
+    "{{ range(3) | list }}|{{ range(1, 10, 3) | list }}|{{ messages | batch(1) | list | length }}",
+    "{{ [3, 1, 3] | unique | list }}|{{ [1, 2, 3] | reverse | list }}|{{ 'abc' | reverse }}|{{ ['b', 'a'] | sort | join }}",
+    "{{ m.lst | map('string') | join('-') }}|{{ [true, none] | map('string') | list }}|{{ [1, none, true] | join(',') }}",
+    "{{ 1 == 1.0 }}|{{ 'a' < 'b' }}|{{ [1, 2] == [1, 2] }}|{{ {'a': 1} == {'a': 1} }}",
+    "{{ m.content | e }}|{{ '<b>' | escape }}|{{ '<b>' | safe }}|{{ m.content | striptags }}",
+    "{{ m.f | abs }}|{{ -3 | abs }}|{{ [1, 2, 3, 4] | slice(2) | list }}|{{ messages | groupby('role') | list | length }}",
+    "{{ 'a\\tb\\\\c' | tojson }}|{{ '\\u00e9' }}|{{ '\\x41' }}|{{ messages | tojson }}",
+    "{% if messages %}yes{% endif %}{% if [] %}no{% endif %}{% if {} %}no{% endif %}{% if '' %}no{% endif %}{% if 0.0 %}no{% endif %}",
+    "{{ m.content is string }}|{{ m.n is integer }}|{{ m.f is float }}|{{ m is mapping }}|{{ messages is sequence }}|{{ 'x' is sequence }}|{{ 'x' is iterable }}|{{ true is number }}",
+    "{{ tools }}|{{ documents }}|{{ tools is none }}|{{ tools | tojson }}|{{ add_generation_prompt }}|{{ bos_token }}{{ eos_token }}",
+    "{%- for x in messages -%}{%- if loop.index0 == 0 -%}{%- continue -%}{%- endif -%}{{ x.role }}{%- endfor -%}",
+    "{% for x in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ x.role }}{% endfor %}",
+    "{%- generation -%}{{ m.role }}{%- endgeneration -%}",
+]
+FEATURE_MESSAGES = [
+    {"role": "user", "content": "  Hello World, it's me  ", "n": 3, "f": 2.5, "lst": [3, 1, 2],
+     "d": {"b": 1, "a": [1, {"c": None}]}},
+    {"role": "assistant", "content": "line1\nline2\n\nline4"},
+]
+
+
+def test_jinja2_features_match_transformers(tmp_path, tokenizer_json):
+    template = "{% set m = messages[0] %}" + "".join(f"\n{i:02}: {line}" for i, line in enumerate(FEATURE_LINES))
+    m = write_model(tmp_path, tokenizer_json, template)
+    want = hf(m).apply_chat_template(FEATURE_MESSAGES, tokenize=False, add_generation_prompt=True)
+    got = ours(tmp_path, m, FEATURE_MESSAGES).stdout
+    for w, g in zip(want.split("\n"), got.split("\n")):
+        assert g == w
+    assert got == want
+
+
+WHITESPACE_CASES = [
+    "A\n  {% if true %}\n  B\n  {% endif %}\nC",
+    "A\n  {# c #}\n  B\n\t{# c2 #}  \nC",
+    "A\n  {%+ if true %}\nB{% endif +%}\nC",
+    "A  {% if true %}X{% endif %}  \n  {% for i in [1,2] %}\n{{ i }}\n  {% endfor %}\nD",
+    "A\r\n  {% if true %}\r\nB\r\n  {% endif %}\r\nC",
+    "x {{- ' y ' -}} z\n  {{ 'w' }}  \n",
+    "{% macro m(a) %}\n  <{{ a }}>\n{% endmacro %}\n{{ m(1) }}{{ m(2) }}",
+    "{% set y %}\n  inner\n{% endset %}\n[{{ y }}]",
+    "trailing newline dropped\n\n",
+    "  {%- if true %}  a  {% endif -%}  \n b",
+    "{% for m in messages %}\n    {{- m.role }}\n{% endfor %}\n",
+]
+
+
+@pytest.mark.parametrize("case", range(len(WHITESPACE_CASES)))
+def test_whitespace_control_matches_transformers(tmp_path, tokenizer_json, case):
+    m = write_model(tmp_path, tokenizer_json, WHITESPACE_CASES[case])
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    want = hf(m).apply_chat_template(messages, tokenize=False)
+    assert ours(tmp_path, m, messages, gen=False).stdout == want
+
+
+def test_tool_use_template_is_picked_with_tools(tmp_path, tokenizer_json):
+    d = tmp_path / "named"
+    d.mkdir()
+    (d / "tokenizer.json").write_bytes(tokenizer_json.read_bytes())
+    templates = [
+        {"name": "default", "template": "DEFAULT {{ messages | length }}"},
+        {"name": "tool_use", "template": "TOOLS {{ tools | map(attribute='function.name') | join(',') }}"},
+    ]
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "chat_template": templates}))
+    messages = [{"role": "user", "content": "x"}]
+    compare(tmp_path, d, messages)
+    compare(tmp_path, d, messages, [WEATHER, TIME])
+    assert ours(tmp_path, d, messages, [WEATHER, TIME]).stdout == "TOOLS get_weather,get_time"
+
+
 # --- failures ----------------------------------------------------------------------------------------
 
 def test_raise_exception_fails_cleanly(models_root, tmp_path):
@@ -499,6 +599,23 @@ def test_runaway_template_fails_fast(tmp_path, tokenizer_json):
     assert p.returncode != 0
     assert "budget" in p.stderr, p.stderr
     assert time.monotonic() - start < 20
+
+
+@pytest.mark.parametrize("expr", [
+    "{{ undefined_var.attr }}",
+    "{{ messages[5].content }}",
+    "{{ messages[0].content.nonexistent() }}",
+    "{{ messages[0].content + 1 }}",
+    "{{ raise_exception(123) }}",
+    "{{ undefined_var | tojson }}",
+])
+def test_errors_where_transformers_errors(tmp_path, tokenizer_json, expr):
+    m = write_model(tmp_path, tokenizer_json, expr)
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(Exception):
+        hf(m).apply_chat_template(messages, tokenize=False)
+    p = ours(tmp_path, m, messages, check=False)
+    assert p.returncode != 0 and p.stdout == "" and "cannot render the chat template" in p.stderr
 
 
 def test_bad_templates_and_inputs_fail_cleanly(tmp_path, tokenizer_json):

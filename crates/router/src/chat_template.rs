@@ -9,9 +9,16 @@
 //!   `", "` / `": "` separators, Python float spelling, `indent` / `separators` / `sort_keys`);
 //! - string, dict and list methods (`.strip()`, `.split()`, `.items()`, `.get()`, ...) come from
 //!   `minijinja_contrib::pycompat`;
+//! - filters and tests replaced or added with jinja2's behaviour: `string`, `join`, `escape`/`e`
+//!   (markupsafe spelling), `truncate`, `center`, `wordcount`, `sequence`, `number`;
 //! - messages are normalised like transformers does before rendering: keys whose value is null are
 //!   dropped, and reasoning fields are aliased;
 //! - `{% generation %}` blocks (transformers' assistant-mask extension) render their body.
+//!
+//! Known remaining differences (not seen in chat templates): jinja2 keeps the newline right after
+//! `{% raw %}` under trim_blocks, minijinja drops it; `wordwrap`, `urlize`, `urlencode`, `xmlattr`,
+//! `forceescape` are missing;
+//! Python's `str.isprintable` escapes in reprs are approximated.
 //!
 //! Templates come from model repositories and are untrusted: there is no loader (no include or
 //! import of files), and a fuel budget bounds the work a template can do.
@@ -36,7 +43,8 @@ pub const DEEPSEEK_V3_TEMPLATE: &str = r#"{#- DeepSeek-V3 chat format -#}
 {%- if add_generation_prompt is not defined -%}
     {%- set add_generation_prompt = false -%}
 {%- endif -%}
-{%- set ns = namespace(is_first=false, is_tool=false, is_output_first=true, system_prompt='', is_first_sp=true) -%}
+{%- set ns = namespace(is_first=false, is_tool=false, is_output_first=true,
+                      system_prompt='', is_first_sp=true) -%}
 {#- Pass 1: every system message, joined by a blank line, becomes the unmarked prefix. -#}
 {%- for message in messages -%}
     {%- if message['role'] == 'system' -%}
@@ -60,7 +68,8 @@ pub const DEEPSEEK_V3_TEMPLATE: &str = r#"{#- DeepSeek-V3 chat format -#}
     {%- if message['role'] == 'assistant' and no_content -%}
         {%- set ns.is_tool = false -%}
         {%- for tool in message['tool_calls'] -%}
-            {%- set call = '<｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + tool['function']['name'] + '\n```json\n' + tool['function']['arguments'] + '\n```<｜tool▁call▁end｜>' -%}
+            {%- set call = '<｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + tool['function']['name']
+                + '\n```json\n' + tool['function']['arguments'] + '\n```<｜tool▁call▁end｜>' -%}
             {%- if not ns.is_first -%}
                 {{- '<｜Assistant｜><｜tool▁calls▁begin｜>' + call -}}
                 {%- set ns.is_first = true -%}
@@ -148,7 +157,11 @@ impl std::fmt::Debug for ChatTemplate {
 
 impl ChatTemplate {
     /// Compiles `source`; a template that does not parse is a [`TemplateError::Syntax`].
-    pub fn new(source: &str, bos_token: Option<String>, eos_token: Option<String>) -> Result<Self, TemplateError> {
+    pub fn new(
+        source: &str,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+    ) -> Result<Self, TemplateError> {
         let mut env = Environment::new();
         let mut syntax = minijinja::syntax::SyntaxConfig::builder();
         syntax.trim_blocks(true).lstrip_blocks(true);
@@ -163,8 +176,19 @@ impl ChatTemplate {
             }
             _ => minijinja::escape_formatter(out, state, value),
         });
-        // jinja2 built-ins that minijinja keeps in its contrib crate.
-        env.add_filter("truncate", minijinja_contrib::filters::truncate);
+        // jinja2 built-ins that minijinja lacks or spells differently.
+        env.add_filter("truncate", truncate);
+        env.add_filter("center", |v: Value, width: Option<usize>, kwargs: Kwargs| -> Result<String, Error> {
+            let width = param(width, &kwargs, "width")?.unwrap_or(80);
+            kwargs.assert_all_used()?;
+            if width > MAX_STRING_BYTES {
+                return Err(Error::new(ErrorKind::InvalidOperation, "center: width too large"));
+            }
+            Ok(py_center(&py_str(&v), width))
+        });
+        env.add_filter("wordcount", |v: Value| wordcount(&py_str(&v)));
+        env.add_filter("escape", escape);
+        env.add_filter("e", escape);
         env.add_filter("striptags", minijinja_contrib::filters::striptags);
         env.add_filter("filesizeformat", minijinja_contrib::filters::filesizeformat);
         env.add_function("cycler", minijinja_contrib::globals::cycler);
@@ -224,7 +248,8 @@ impl ChatTemplate {
         // Later entries win, like Python's keyword arguments over `**kwargs`.
         let ctx: std::collections::BTreeMap<String, Value> = ctx.into_iter().collect();
 
-        let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| TemplateError::Render(describe(&e)))?;
+        let template =
+            self.env.get_template(TEMPLATE_NAME).map_err(|e| TemplateError::Render(describe(&e)))?;
         template.render(Value::from(ctx)).map_err(|e| classify(&e))
     }
 }
@@ -232,7 +257,14 @@ impl ChatTemplate {
 /// What transformers' `_normalize_chat_messages` and `_alias_reasoning_fields` do to each message.
 fn normalize_message(m: &Json) -> Result<Json, TemplateError> {
     let Json::Object(fields) = m else {
-        return Err(TemplateError::Render(format!("chat messages must be JSON objects, got {m}")));
+        let kind = match m {
+            Json::Array(_) => "an array",
+            Json::String(_) => "a string",
+            Json::Number(_) => "a number",
+            Json::Bool(_) => "a boolean",
+            _ => "null",
+        };
+        return Err(TemplateError::Render(format!("chat messages must be JSON objects, got {kind}")));
     };
     let fields: serde_json::Map<String, Json> =
         fields.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -282,13 +314,14 @@ fn describe(e: &Error) -> String {
 }
 
 /// jinja2's `join(value, d='', attribute=None)`: items printed with Python's `str()`.
-fn join(value: &Value, sep: Option<String>, attribute: Option<Value>, kwargs: Kwargs) -> Result<String, Error> {
-    let sep = match (sep, kwargs.get::<Option<String>>("d")?) {
-        (Some(s), None) | (None, Some(s)) => s,
-        (None, None) => String::new(),
-        (Some(_), Some(_)) => return Err(Error::new(ErrorKind::TooManyArguments, "join got two separators")),
-    };
-    let attribute = attribute.or(kwargs.get::<Option<Value>>("attribute")?);
+fn join(
+    value: &Value,
+    sep: Option<String>,
+    attribute: Option<Value>,
+    kwargs: Kwargs,
+) -> Result<String, Error> {
+    let sep = param(sep, &kwargs, "d")?.unwrap_or_default();
+    let attribute = param(attribute, &kwargs, "attribute")?;
     kwargs.assert_all_used()?;
     let items: Vec<Value> = match value.as_str() {
         // A string joins its characters.
@@ -307,15 +340,94 @@ fn join(value: &Value, sep: Option<String>, attribute: Option<Value>, kwargs: Kw
             Some(path) => py_str(&attribute_path(item, path)?),
         };
         out.push_str(&text);
-        if out.len() > MAX_JOIN_BYTES {
+        if out.len() > MAX_STRING_BYTES {
             return Err(too_big());
         }
     }
     Ok(out)
 }
 
-/// Far above any prompt a model can take.
-const MAX_JOIN_BYTES: usize = 64 << 20;
+/// Bound for strings our filters build, far above any prompt a model can take.
+const MAX_STRING_BYTES: usize = 64 << 20;
+
+/// A parameter that Python lets callers pass by position or by name (minijinja only has positions).
+fn param<'a, T>(positional: Option<T>, kwargs: &'a Kwargs, name: &'a str) -> Result<Option<T>, Error>
+where
+    T: minijinja::value::ArgType<'a, Output = T>,
+{
+    let named: Option<T> = kwargs.get(name)?;
+    match (positional, named) {
+        (Some(_), Some(_)) => {
+            Err(Error::new(ErrorKind::TooManyArguments, format!("got multiple values for {name}")))
+        }
+        (p, n) => Ok(p.or(n)),
+    }
+}
+
+/// jinja2's `truncate(s, length=255, killwords=False, end='...', leeway=5)`, in characters.
+fn truncate(
+    v: Value,
+    length: Option<usize>,
+    killwords: Option<bool>,
+    end: Option<String>,
+    kwargs: Kwargs,
+) -> Result<String, Error> {
+    let length = param(length, &kwargs, "length")?.unwrap_or(255);
+    let killwords = param(killwords, &kwargs, "killwords")?.unwrap_or(false);
+    let end = param(end, &kwargs, "end")?.unwrap_or_else(|| "...".into());
+    let leeway = kwargs.get::<Option<usize>>("leeway")?.unwrap_or(5);
+    kwargs.assert_all_used()?;
+    let s = py_str(&v);
+    let end_len = end.chars().count();
+    if length < end_len {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!("truncate: expected length >= {end_len}"),
+        ));
+    }
+    if s.chars().count() <= length + leeway {
+        return Ok(s);
+    }
+    let head: String = s.chars().take(length - end_len).collect();
+    let head = if killwords { &head[..] } else { head.rsplit_once(' ').map_or(&head[..], |(a, _)| a) };
+    Ok(format!("{head}{end}"))
+}
+
+/// Python's `str.center(width)`, including where the odd padding space goes.
+fn py_center(s: &str, width: usize) -> String {
+    let len = s.chars().count();
+    if len >= width {
+        return s.to_owned();
+    }
+    let marg = width - len;
+    let left = marg / 2 + (marg & width & 1);
+    format!("{}{s}{}", " ".repeat(left), " ".repeat(marg - left))
+}
+
+/// jinja2's `wordcount`: the number of `\w+` runs.
+fn wordcount(s: &str) -> usize {
+    s.split(|c: char| !(c.is_alphanumeric() || c == '_')).filter(|w| !w.is_empty()).count()
+}
+
+/// markupsafe's escape (`&#39;` and `&#34;` for quotes, `/` untouched); safe strings pass through.
+fn escape(v: Value) -> Value {
+    if v.is_safe() {
+        return v;
+    }
+    let s = py_str(&v);
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '\'' => out.push_str("&#39;"),
+            '"' => out.push_str("&#34;"),
+            c => out.push(c),
+        }
+    }
+    Value::from_safe_string(out)
+}
 
 /// jinja2's attribute getter: an int index, or a dotted path whose integer parts index lists.
 fn attribute_path(item: &Value, path: &Value) -> Result<Value, Error> {
@@ -359,22 +471,16 @@ fn tojson(
     indent: Option<Value>,
     kwargs: Kwargs,
 ) -> Result<String, Error> {
-    let pick = |positional: Option<Value>, name: &str| -> Result<Option<Value>, Error> {
-        let named: Option<Value> = kwargs.get(name)?;
-        match (positional, named) {
-            (Some(_), Some(_)) => {
-                Err(Error::new(ErrorKind::TooManyArguments, format!("tojson got multiple values for {name}")))
-            }
-            (p, n) => Ok(p.or(n)),
-        }
-    };
-    let ensure_ascii = pick(ensure_ascii, "ensure_ascii")?.is_some_and(|v| v.is_true());
-    let indent = match pick(indent, "indent")? {
+    let ensure_ascii = param(ensure_ascii, &kwargs, "ensure_ascii")?.is_some_and(|v| v.is_true());
+    let indent = match param(indent, &kwargs, "indent")? {
         None => None,
-        Some(v) if v.is_integer() => Some(" ".repeat(usize::try_from(i64::try_from(v)?.max(0)).unwrap_or(0))),
+        Some(v) if v.is_integer() => Some(" ".repeat(usize::try_from(i64::try_from(v)?).unwrap_or(0))),
         Some(v) if v.kind() == ValueKind::String => Some(v.as_str().unwrap_or_default().to_owned()),
         Some(v) => return Err(Error::new(ErrorKind::InvalidOperation, format!("tojson: bad indent {v}"))),
     };
+    if indent.as_ref().is_some_and(|i| i.len() > MAX_INDENT) {
+        return Err(Error::new(ErrorKind::InvalidOperation, "tojson: indent too large"));
+    }
     let (item_sep, key_sep) = match kwargs.get::<Option<Value>>("separators")? {
         None => (if indent.is_some() { "," } else { ", " }.to_owned(), ": ".to_owned()),
         Some(v) => {
@@ -383,7 +489,12 @@ fn tojson(
                 [a, b] if a.as_str().is_some() && b.as_str().is_some() => {
                     (a.as_str().unwrap_or_default().to_owned(), b.as_str().unwrap_or_default().to_owned())
                 }
-                _ => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: separators must be 2 strings")),
+                _ => {
+                    return Err(Error::new(
+                        ErrorKind::InvalidOperation,
+                        "tojson: separators must be 2 strings",
+                    ))
+                }
             }
         }
     };
@@ -405,6 +516,7 @@ struct JsonOpts {
 
 /// Python's json encoder gives up on deep nesting too; this keeps our recursion bounded.
 const MAX_JSON_DEPTH: usize = 500;
+const MAX_INDENT: usize = 256;
 
 fn not_serializable(v: &Value) -> Error {
     Error::new(ErrorKind::InvalidOperation, format!("Object of type {} is not JSON serializable", v.kind()))
@@ -474,6 +586,10 @@ fn write_container(
         }
         newline(out, level + 1);
         item(out, i)?;
+        // Indentation grows with depth, so the text can dwarf the value: bound it.
+        if out.len() > MAX_STRING_BYTES {
+            return Err(Error::new(ErrorKind::InvalidOperation, "tojson: result too large"));
+        }
     }
     newline(out, level);
     out.push(close);
@@ -595,7 +711,8 @@ fn py_repr(v: &Value, depth: usize) -> String {
         ValueKind::Number => py_number(v, false),
         ValueKind::String => py_str_repr(v.as_str().unwrap_or_default()),
         ValueKind::Seq if v.is_tuple() => {
-            let items: Vec<String> = v.try_iter().into_iter().flatten().map(|x| py_repr(&x, depth + 1)).collect();
+            let items: Vec<String> =
+                v.try_iter().into_iter().flatten().map(|x| py_repr(&x, depth + 1)).collect();
             if items.len() == 1 {
                 format!("({},)", items[0])
             } else {
@@ -603,7 +720,8 @@ fn py_repr(v: &Value, depth: usize) -> String {
             }
         }
         ValueKind::Seq | ValueKind::Iterable => {
-            let items: Vec<String> = v.try_iter().into_iter().flatten().map(|x| py_repr(&x, depth + 1)).collect();
+            let items: Vec<String> =
+                v.try_iter().into_iter().flatten().map(|x| py_repr(&x, depth + 1)).collect();
             format!("[{}]", items.join(", "))
         }
         ValueKind::Map => {
@@ -641,8 +759,12 @@ fn py_str_repr(s: &str) -> String {
             c if (c as u32) < 0x20 || (0x7f..=0xa0).contains(&(c as u32)) || c == '\u{ad}' => {
                 let _ = write!(out, "\\x{:02x}", c as u32);
             }
-            '\u{1680}' | '\u{2000}'..='\u{200f}' | '\u{2028}'..='\u{202f}' | '\u{205f}'..='\u{2064}'
-            | '\u{3000}' | '\u{feff}' => {
+            '\u{1680}'
+            | '\u{2000}'..='\u{200f}'
+            | '\u{2028}'..='\u{202f}'
+            | '\u{205f}'..='\u{2064}'
+            | '\u{3000}'
+            | '\u{feff}' => {
                 let _ = write!(out, "\\u{:04x}", c as u32);
             }
             c => out.push(c),
@@ -669,7 +791,8 @@ fn rewrite_generation_tags(src: &str) -> String {
             _ => (None, tag),
         };
         let trimmed = body.trim_start();
-        let word_end = trimmed.find(|c: char| !c.is_ascii_alphanumeric() && c != '_').unwrap_or(trimmed.len());
+        let word_end =
+            trimmed.find(|c: char| !c.is_ascii_alphanumeric() && c != '_').unwrap_or(trimmed.len());
         let replacement = match &trimmed[..word_end] {
             "generation" => Some("if true"),
             "endgeneration" => Some("endif"),
@@ -729,7 +852,8 @@ mod tests {
             json!({"role": "assistant", "content": "Hello!"}),
             json!({"role": "user", "content": "2+2?"}),
         ];
-        let want = format!("{BOS}You are helpful.\n\nBe brief.<｜User｜>Hi<｜Assistant｜>Hello!{EOS}<｜User｜>2+2?");
+        let want =
+            format!("{BOS}You are helpful.\n\nBe brief.<｜User｜>Hi<｜Assistant｜>Hello!{EOS}<｜User｜>2+2?");
         assert_eq!(ds().render(&msgs, None, false).unwrap(), want);
         assert_eq!(ds().render(&msgs, None, true).unwrap(), format!("{want}<｜Assistant｜>"));
         // No system message, no bos token.
@@ -775,24 +899,35 @@ mod tests {
 
         // A single call is never closed.
         let single = [msgs[0].clone(), json!({"role": "assistant", "content": null, "tool_calls": [c3]})];
-        let want = format!("{BOS}<｜User｜>Weather and time?<｜Assistant｜><｜tool▁calls▁begin｜>{}", tc(&c3));
+        let want =
+            format!("{BOS}<｜User｜>Weather and time?<｜Assistant｜><｜tool▁calls▁begin｜>{}", tc(&c3));
         assert_eq!(ds().render(&single, None, false).unwrap(), want);
         assert_eq!(ds().render(&single, None, true).unwrap(), format!("{want}<｜Assistant｜>"));
     }
 
     #[test]
     fn key_order_and_python_printing() {
-        let msgs = [json!({"role": "user", "z": 1, "a": [1, 2.5, "x'y", null, true], "m": {"b": false, "a": 1e20}})];
+        let msgs =
+            [json!({"role": "user", "z": 1, "a": [1, 2.5, "x'y", null, true], "m": {"b": false, "a": 1e20}})];
         let out = render("{% for k, v in messages[0].items() %}{{ k }}={{ v }};{% endfor %}", &msgs).unwrap();
         assert_eq!(out, "role=user;z=1;a=[1, 2.5, \"x'y\", None, True];m={'b': False, 'a': 1e+20};");
-        assert_eq!(eval("{{ none }}|{{ true }}|{{ 1.0 }}|{{ 0.1 + 0.2 }}|{{ 1e-5 }}|{{ (1, 'a') }}"), "None|True|1.0|0.30000000000000004|1e-05|(1, 'a')");
+        assert_eq!(
+            eval("{{ none }}|{{ true }}|{{ 1.0 }}|{{ 0.1 + 0.2 }}|{{ 1e-5 }}|{{ (1, 'a') }}"),
+            "None|True|1.0|0.30000000000000004|1e-05|(1, 'a')"
+        );
     }
 
     #[test]
     fn null_fields_are_dropped_and_reasoning_aliased() {
         let msgs = [json!({"role": "assistant", "content": null, "reasoning": "think", "x": 1})];
         let out = render("{{ messages[0] | tojson }}|{{ messages[0].content is defined }}", &msgs).unwrap();
-        assert_eq!(out, r#"{"thinking": "think", "role": "assistant", "reasoning": "think", "x": 1, "reasoning_content": "think"}|False"#);
+        assert_eq!(
+            out,
+            concat!(
+                r#"{"thinking": "think", "role": "assistant", "reasoning": "think", "x": 1, "#,
+                r#""reasoning_content": "think"}|False"#
+            )
+        );
         let err = render("x", &[json!("not an object")]).unwrap_err();
         assert!(matches!(err, TemplateError::Render(ref m) if m.contains("JSON objects")), "{err:?}");
     }
@@ -801,25 +936,37 @@ mod tests {
     fn tojson_matches_python() {
         // Expected strings from Python's json.dumps with the same arguments.
         // A nested object: top-level nulls of a message are dropped before rendering.
-        let msgs = [json!({"x": {"b": [1, {"c": "é\"\\\n\u{1}\u{7f}𝄞"}], "a": null, "f": 1.5e-7, "e": [], "d": {}}})];
+        let msgs = [
+            json!({"x": {"b": [1, {"c": "é\"\\\n\u{1}\u{7f}𝄞"}], "a": null, "f": 1.5e-7, "e": [], "d": {}}}),
+        ];
         let cases = [
             (
                 "{{ messages[0].x | tojson }}",
-                "{\"b\": [1, {\"c\": \"é\\\"\\\\\\n\\u0001\u{7f}𝄞\"}], \"a\": null, \"f\": 1.5e-07, \"e\": [], \"d\": {}}",
+                concat!(
+                    "{\"b\": [1, {\"c\": \"é\\\"\\\\\\n\\u0001\u{7f}𝄞\"}], ",
+                    "\"a\": null, \"f\": 1.5e-07, \"e\": [], \"d\": {}}"
+                ),
             ),
             (
                 "{{ messages[0].x | tojson(ensure_ascii=true) }}",
-                r#"{"b": [1, {"c": "\u00e9\"\\\n\u0001\u007f\ud834\udd1e"}], "a": null, "f": 1.5e-07, "e": [], "d": {}}"#,
+                concat!(
+                    r#"{"b": [1, {"c": "\u00e9\"\\\n\u0001\u007f\ud834\udd1e"}], "#,
+                    r#""a": null, "f": 1.5e-07, "e": [], "d": {}}"#
+                ),
             ),
             (
                 "{{ messages[0].x | tojson(indent=2, sort_keys=true) }}",
-                "{\n  \"a\": null,\n  \"b\": [\n    1,\n    {\n      \"c\": \"é\\\"\\\\\\n\\u0001\u{7f}𝄞\"\n    }\n  ],\n  \"d\": {},\n  \"e\": [],\n  \"f\": 1.5e-07\n}",
+                concat!(
+                    "{\n  \"a\": null,\n  \"b\": [\n    1,\n    {\n      ",
+                    "\"c\": \"é\\\"\\\\\\n\\u0001\u{7f}𝄞\"\n    }\n  ],\n  ",
+                    "\"d\": {},\n  \"e\": [],\n  \"f\": 1.5e-07\n}"
+                ),
             ),
             ("{{ [1, 2] | tojson(indent='\t') }}", "[\n\t1,\n\t2\n]"),
             ("{{ {'a': [1, 2]} | tojson(separators=(',', ':')) }}", r#"{"a":[1,2]}"#),
             ("{{ 'x<y>&\\'' | tojson }}", r#""x<y>&'""#),
             ("{{ {1: 2, none: 3, 1.5: 4} | tojson }}", r#"{"1": 2, "null": 3, "1.5": 4}"#),
-            ("{{ [1.0, 100.0, 1e16, 123456789.125, -0.0] | tojson }}", "[1.0, 100.0, 1e+16, 123456789.125, -0.0]"),
+            ("{{ [1.0, 1e16, 123456789.125, -0.0] | tojson }}", "[1.0, 1e+16, 123456789.125, -0.0]"),
         ];
         for (src, want) in cases {
             assert_eq!(render(src, &msgs).unwrap(), want, "{src}");
@@ -864,20 +1011,63 @@ mod tests {
         assert_eq!(year, chrono::Local::now().format("%Y").to_string());
         assert!(matches!(render("{{ strftime_now('%Q%') }}", &[]), Err(TemplateError::Render(_))));
 
-        let loops = "{% set ns = namespace(n=0) %}{% for i in range(10) %}{% if i == 2 %}{% continue %}{% endif %}\
+        let loops =
+            "{% set ns = namespace(n=0) %}{% for i in range(10) %}{% if i == 2 %}{% continue %}{% endif %}\
             {% if i > 4 %}{% break %}{% endif %}{% set ns.n = ns.n + i %}{{ i }}{% endfor %}={{ ns.n }}";
         assert_eq!(eval(loops), "0134=8");
     }
 
     #[test]
     fn python_semantics_of_builtins() {
-        let msgs = [json!({"role": "user", "x": {"y": [5, 6]}}), json!({"role": "assistant", "x": {"y": [7]}})];
-        let src = "{{ messages | join('/', attribute='role') }}|{{ messages | join(d='-', attribute='x.y.0') }}|\
+        let msgs =
+            [json!({"role": "user", "x": {"y": [5, 6]}}), json!({"role": "assistant", "x": {"y": [7]}})];
+        let src = "{{ messages | join('/', attribute='role') }}|\
+            {{ messages | join(d='-', attribute='x.y.0') }}|\
             {{ [1, none, true, 2.5] | join(',') }}|{{ 'abc' | join('.') }}|{{ none | string }}|\
-            {{ 'x' is sequence }}{{ {} is sequence }}{{ 1 is sequence }}|{{ true is number }}{{ 'x' is number }}";
-        assert_eq!(render(src, &msgs).unwrap(), "user/assistant|5-7|1,None,True,2.5|a.b.c|None|TrueTrueFalse|TrueFalse");
-        let huge = "{{ range(1000) | join('x' * 100000) }}";
-        assert!(matches!(render(huge, &[]), Err(TemplateError::Render(m)) if m.contains("too large")));
+            {{ 'x' is sequence }}{{ {} is sequence }}{{ 1 is sequence }}|\
+            {{ true is number }}{{ 'x' is number }}";
+        assert_eq!(
+            render(src, &msgs).unwrap(),
+            "user/assistant|5-7|1,None,True,2.5|a.b.c|None|TrueTrueFalse|TrueFalse"
+        );
+        for huge in [
+            "{{ range(1000) | join('x' * 100000) }}",
+            "{{ [[[[[1] * 10000] * 100]]] | tojson(indent=200) }}",
+            "{{ 1 | tojson(indent=100000000) }}",
+            "{{ 'x' | center(100000000000) }}",
+        ] {
+            assert!(
+                matches!(render(huge, &[]), Err(TemplateError::Render(m)) if m.contains("too large")),
+                "{huge}"
+            );
+        }
+    }
+
+    #[test]
+    fn jinja2_filters_minijinja_lacks() {
+        // Expected values from jinja2.
+        let msgs = [json!({"content": "  Hello World, it's me  "})];
+        let cases = [
+            ("{{ messages[0].content | truncate(9) }}", " ..."),
+            ("{{ messages[0].content | truncate(9, true) }}", "  Hell..."),
+            ("{{ messages[0].content | truncate(9, end='!', leeway=0) }}", "  Hello!"),
+            ("{{ messages[0].content | truncate(length=9, killwords=true) }}", "  Hell..."),
+            ("{{ messages[0].content | truncate }}", "  Hello World, it's me  "),
+            ("{{ messages[0].content | trim | center(30) }}", "     Hello World, it's me     "),
+            (
+                "[{{ 'ab' | center(5) }}][{{ 'abc' | center(6) }}][{{ 'a' | center(width=4) }}]",
+                "[  ab ][ abc  ][ a  ]",
+            ),
+            ("{{ messages[0].content | wordcount }}|{{ 'snake_case x-y 日本' | wordcount }}", "5|4"),
+            (
+                "{{ messages[0].content | e }}|{{ '<a href=\"/x\">&</a>' | escape }}",
+                "  Hello World, it&#39;s me  |&lt;a href=&#34;/x&#34;&gt;&amp;&lt;/a&gt;",
+            ),
+            ("{{ '<b>' | safe | e }}|{{ none | e }}", "<b>|None"),
+        ];
+        for (src, want) in cases {
+            assert_eq!(render(src, &msgs).unwrap(), want, "{src}");
+        }
     }
 
     #[test]
@@ -889,8 +1079,10 @@ mod tests {
 
     #[test]
     fn tools_are_passed() {
-        let t = ChatTemplate::new("{% for t in tools %}{{ t.function.name }};{% endfor %}", None, None).unwrap();
-        let tools = [json!({"type": "function", "function": {"name": "f"}}), json!({"function": {"name": "g"}})];
+        let t =
+            ChatTemplate::new("{% for t in tools %}{{ t.function.name }};{% endfor %}", None, None).unwrap();
+        let tools =
+            [json!({"type": "function", "function": {"name": "f"}}), json!({"function": {"name": "g"}})];
         assert_eq!(t.render(&[], Some(&tools), false).unwrap(), "f;g;");
         assert_eq!(t.render(&[], None, false).unwrap(), "");
     }
@@ -907,14 +1099,18 @@ mod tests {
         assert!(matches!(ChatTemplate::new("{% for %}", None, None), Err(TemplateError::Syntax(_))));
         assert!(matches!(ChatTemplate::new("{{ x ", None, None), Err(TemplateError::Syntax(_))));
 
-        let raised = render("{% if messages[0].role != 'system' %}{{ raise_exception('Roles must alternate!') }}{% endif %}", &[json!({"role": "user"})]);
+        let raised = render(
+            "{% if messages[0].role != 'system' %}{{ raise_exception('Roles must alternate!') }}{% endif %}",
+            &[json!({"role": "user"})],
+        );
         assert_eq!(raised, Err(TemplateError::Raised("Roles must alternate!".into())));
         // Also from inside a macro.
         let raised = render("{% macro m() %}{{ raise_exception('deep') }}{% endmacro %}{{ m() }}", &[]);
         assert_eq!(raised, Err(TemplateError::Raised("deep".into())));
 
         let start = std::time::Instant::now();
-        let forever = "{% for a in range(100000) %}{% for b in range(100000) %}{{ a }}{% endfor %}{% endfor %}";
+        let forever =
+            "{% for a in range(100000) %}{% for b in range(100000) %}{{ a }}{% endfor %}{% endfor %}";
         assert_eq!(render(forever, &[]), Err(TemplateError::OutOfFuel));
         assert!(start.elapsed().as_secs_f64() < 10.0, "took {:?}", start.elapsed());
 
@@ -937,9 +1133,13 @@ mod tests {
 
     #[test]
     fn generation_tags_render_their_body() {
-        let src = "{% for m in messages %}{%- generation -%}\n[{{ m.content }}]\n{%- endgeneration %}{% endfor %}";
+        let src =
+            "{% for m in messages %}{%- generation -%}\n[{{ m.content }}]\n{%- endgeneration %}{% endfor %}";
         assert_eq!(render(src, &[json!({"content": "a"}), json!({"content": "b"})]).unwrap(), "[a][b]");
-        assert_eq!(rewrite_generation_tags("{%+ generation %}x{% endgeneration +%}"), "{%+ if true %}x{% endif +%}");
+        assert_eq!(
+            rewrite_generation_tags("{%+ generation %}x{% endgeneration +%}"),
+            "{%+ if true %}x{% endif +%}"
+        );
         assert_eq!(rewrite_generation_tags("{% if generation %}{{ '{%' }}"), "{% if generation %}{{ '{%' }}");
     }
 }

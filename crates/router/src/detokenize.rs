@@ -7,6 +7,10 @@
 //! `ids[prefix..]`, and send the difference, unless the new text ends in U+FFFD, which means the last
 //! character is still incomplete: then we hold it until more tokens arrive (or [`finish`]).
 //!
+//! The deltas add up to the decoded text of the generated ids (after the prompt tail), and no delta
+//! splits a character. Only for invalid byte sequences can the number of U+FFFD differ from a
+//! one-shot decode (byte-fallback decoders replace a whole invalid byte run).
+//!
 //! [`finish`]: IncrementalDetokenizer::finish
 
 use crate::tokenizer::{TokenizerError, TokenizerInfo};
@@ -16,14 +20,14 @@ const REPLACEMENT: char = '\u{FFFD}';
 /// Turns generated token ids into text deltas for streaming.
 #[derive(Debug, Clone)]
 pub struct IncrementalDetokenizer {
-    /// A few prompt ids (context for the first token) followed by the generated ids.
+    /// The decode window and what follows it: ids before `prefix_offset` are dropped as we go.
     ids: Vec<u32>,
     /// Start of the decode window: context kept so that leading spaces decode correctly.
     prefix_offset: usize,
     /// End of the text already returned.
     read_offset: usize,
-    /// How many of `ids` came from the prompt.
-    tail_len: usize,
+    /// Generated ids pushed so far.
+    pushed: usize,
     skip_special_tokens: bool,
 }
 
@@ -35,24 +39,25 @@ impl IncrementalDetokenizer {
             ids: prompt_tail.to_vec(),
             prefix_offset: 0,
             read_offset: prompt_tail.len(),
-            tail_len: prompt_tail.len(),
+            pushed: 0,
             skip_special_tokens,
         }
     }
 
     /// The generated ids pushed so far.
     pub fn generated(&self) -> usize {
-        self.ids.len() - self.tail_len
+        self.pushed
     }
 
     /// Adds one generated token; returns the text it completes (often empty for partial characters).
     pub fn push(&mut self, tok: &TokenizerInfo, id: u32) -> Result<String, TokenizerError> {
         self.ids.push(id);
+        self.pushed += 1;
         self.advance(tok, false)
     }
 
     /// Flushes text still held at the end of generation; an incomplete character decodes lossily
-    /// (as U+FFFD), exactly as decoding the whole sequence would.
+    /// (as U+FFFD), as decoding the whole sequence would.
     pub fn finish(&mut self, tok: &TokenizerInfo) -> Result<String, TokenizerError> {
         if self.read_offset >= self.ids.len() {
             return Ok(String::new());
@@ -69,7 +74,9 @@ impl IncrementalDetokenizer {
             return Ok(String::new());
         }
         let delta = text_after(&new_text, &prefix_text).to_owned();
-        self.prefix_offset = self.read_offset;
+        // The next window starts where this one's new text began; older ids are no longer needed.
+        self.ids.drain(..self.read_offset);
+        self.prefix_offset = 0;
         self.read_offset = self.ids.len();
         Ok(delta)
     }
@@ -113,6 +120,7 @@ mod tests {
         out.push_str(&d.finish(tok).unwrap());
         assert_eq!(d.finish(tok).unwrap(), "", "finish is idempotent");
         assert_eq!(d.generated(), ids.len());
+        assert!(d.ids.len() <= 8, "the window should stay short, holds {} ids", d.ids.len());
         out
     }
 
@@ -148,6 +156,59 @@ mod tests {
         let (_, pieces) = tok.encode_with_tokens("🎉", false).unwrap();
         assert!(pieces.iter().any(|p| p.starts_with("<0x")), "fixture should use byte fallback: {pieces:?}");
         check_tokenizer(&tok, "byte-fallback");
+    }
+
+    /// xorshift: deterministic pseudo-random numbers below `n`.
+    fn rng(mut state: u64) -> impl FnMut(usize) -> usize {
+        move |n| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        }
+    }
+
+    #[test]
+    fn random_texts_concatenate_to_decode() {
+        let pool: Vec<char> = "abcdefghij  .,!?\né日本語🎉€𝄞\u{301}\u{200d}👩Ωß".chars().collect();
+        let mut next = rng(0x2545_f491_4f6c_dd1d);
+        for tok in [byte_level(), byte_fallback()] {
+            for round in 0..300 {
+                let text: String = (0..1 + next(40)).map(|_| pool[next(pool.len())]).collect();
+                let ids = tok.encode(&text, false).unwrap();
+                let tail = tok.encode("Answer:", false).unwrap();
+                let tail = &tail[tail.len().saturating_sub(round % 3)..];
+                let mut all = tail.to_vec();
+                all.extend(&ids);
+                let full = tok.decode(&all, false).unwrap();
+                let want = text_after(&full, &tok.decode(tail, false).unwrap()).to_owned();
+                assert_eq!(stream(&tok, tail, &ids, false), want, "{text:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn random_ids_never_fail() {
+        // Arbitrary ids make invalid UTF-8; the deltas must still be well-formed, and exact whenever
+        // the sequence decodes cleanly. (With invalid bytes the number of U+FFFD can differ from a
+        // one-shot decode: byte-fallback decoders replace a whole invalid run, including bytes that
+        // were valid, and already streamed, on their own.)
+        let mut next = rng(0x9e37_79b9_7f4a_7c15);
+        for tok in [byte_level(), byte_fallback()] {
+            for _ in 0..300 {
+                let ids: Vec<u32> = (0..1 + next(24)).map(|_| next(tok.vocab_size()) as u32).collect();
+                let mut d = IncrementalDetokenizer::new(&[], false);
+                let mut out = String::new();
+                for &id in &ids {
+                    out.push_str(&d.push(&tok, id).unwrap());
+                }
+                out.push_str(&d.finish(&tok).unwrap());
+                let whole = tok.decode(&ids, false).unwrap();
+                if !whole.contains(REPLACEMENT) {
+                    assert_eq!(out, whole, "{ids:?}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -68,7 +68,10 @@ impl StopMatcher {
         if let Some((_, start, i)) = best {
             self.held.truncate(start);
             self.done = true;
-            return StopOutcome { emit: std::mem::take(&mut self.held), stopped: Some(self.stops[i].clone()) };
+            return StopOutcome {
+                emit: std::mem::take(&mut self.held),
+                stopped: Some(self.stops[i].clone()),
+            };
         }
 
         let keep = self.held_tail_start();

@@ -40,7 +40,7 @@ pub struct TokenizerInfo {
     eos_token: Option<String>,
     add_bos_token: Option<bool>,
     model_max_length: Option<usize>,
-    /// Named chat templates in config order; `default` indexes the one used by default.
+    /// Named chat templates in config order; `default_template` indexes the default one.
     templates: Vec<(String, ChatTemplate)>,
     default_template: Option<usize>,
 }
@@ -78,7 +78,11 @@ impl TokenizerInfo {
         let mut files = vec![];
         let default_path = dir.join(TEMPLATE_FILE);
         if let Some(source) = read_optional(&default_path)? {
-            files.push(NamedSource { name: "default".into(), origin: default_path.display().to_string(), source });
+            files.push(NamedSource {
+                name: "default".into(),
+                origin: default_path.display().to_string(),
+                source,
+            });
         }
         let extra_dir = dir.join(TEMPLATE_DIR);
         if extra_dir.is_dir() {
@@ -86,7 +90,8 @@ impl TokenizerInfo {
                 .map_err(|source| TokenizerError::Io { path: extra_dir.clone(), source })?;
             let mut extra = vec![];
             for entry in entries {
-                let path = entry.map_err(|source| TokenizerError::Io { path: extra_dir.clone(), source })?.path();
+                let path =
+                    entry.map_err(|source| TokenizerError::Io { path: extra_dir.clone(), source })?.path();
                 let name = path.file_stem().and_then(|s| s.to_str()).map(str::to_owned);
                 if let (Some(name), Some("jinja")) = (name, path.extension().and_then(|e| e.to_str())) {
                     let source = std::fs::read_to_string(&path)
@@ -144,9 +149,15 @@ impl TokenizerInfo {
                 Some(Json::String(s)) => vec![named("default", s)],
                 Some(Json::Array(list)) => list
                     .iter()
-                    .map(|t| match (t.get("name").and_then(Json::as_str), t.get("template").and_then(Json::as_str)) {
-                        (Some(n), Some(s)) => Ok(named(n, s)),
-                        _ => Err(config_err(origin, "`chat_template` entries need string `name` and `template`")),
+                    .map(|t| {
+                        match (t.get("name").and_then(Json::as_str), t.get("template").and_then(Json::as_str))
+                        {
+                            (Some(n), Some(s)) => Ok(named(n, s)),
+                            _ => Err(config_err(
+                                origin,
+                                "`chat_template` entries need string `name` and `template`",
+                            )),
+                        }
                     })
                     .collect::<Result<_, _>>()?,
                 Some(_) => return Err(config_err(origin, "`chat_template` must be a string or a list")),
@@ -162,14 +173,24 @@ impl TokenizerInfo {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let default_template =
-            templates.iter().position(|(n, _)| n == "default").or(if templates.is_empty() { None } else { Some(0) });
+            templates.iter().position(|(n, _)| n == "default").or((!templates.is_empty()).then_some(0));
 
-        Ok(Self { tokenizer, bos_token, eos_token, add_bos_token, model_max_length, templates, default_template })
+        Ok(Self {
+            tokenizer,
+            bos_token,
+            eos_token,
+            add_bos_token,
+            model_max_length,
+            templates,
+            default_template,
+        })
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
-        let enc =
-            self.tokenizer.encode(text, add_special_tokens).map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        let enc = self
+            .tokenizer
+            .encode(text, add_special_tokens)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -179,8 +200,10 @@ impl TokenizerInfo {
         text: &str,
         add_special_tokens: bool,
     ) -> Result<(Vec<u32>, Vec<String>), TokenizerError> {
-        let enc =
-            self.tokenizer.encode(text, add_special_tokens).map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        let enc = self
+            .tokenizer
+            .encode(text, add_special_tokens)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
         Ok((enc.get_ids().to_vec(), enc.get_tokens().to_vec()))
     }
 
@@ -202,7 +225,8 @@ impl TokenizerInfo {
     /// Number of ids the tokenizer can produce: the model vocabulary plus added tokens (at least one
     /// past the highest added id, in case ids leave gaps).
     pub fn vocab_size(&self) -> usize {
-        let highest_added = self.tokenizer.get_added_vocabulary().get_vocab().values().max().map(|&i| i as usize + 1);
+        let highest_added =
+            self.tokenizer.get_added_vocabulary().get_vocab().values().max().map(|&i| i as usize + 1);
         self.tokenizer.get_vocab_size(true).max(highest_added.unwrap_or(0))
     }
 
@@ -294,7 +318,11 @@ fn special_token(
     }
 }
 
-fn flag(cfg: &serde_json::Map<String, Json>, key: &str, origin: &str) -> Result<Option<bool>, TokenizerError> {
+fn flag(
+    cfg: &serde_json::Map<String, Json>,
+    key: &str,
+    origin: &str,
+) -> Result<Option<bool>, TokenizerError> {
     match cfg.get(key) {
         None | Some(Json::Null) => Ok(None),
         Some(Json::Bool(b)) => Ok(Some(*b)),
@@ -332,7 +360,8 @@ mod tests {
     const EOS: &str = "<｜end▁of▁sentence｜>";
 
     fn raw(name: &str) -> Tokenizer {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name).join(TOKENIZER_FILE);
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name).join(TOKENIZER_FILE);
         Tokenizer::from_file(path).unwrap()
     }
 
@@ -440,7 +469,8 @@ mod tests {
             (json!({"chat_template": [{"name": "x"}]}), "`chat_template` entries"),
         ];
         for (cfg, want) in bad {
-            let err = TokenizerInfo::from_parts(raw("byte_level"), Some(cfg.clone())).unwrap_err().to_string();
+            let err =
+                TokenizerInfo::from_parts(raw("byte_level"), Some(cfg.clone())).unwrap_err().to_string();
             assert!(err.contains(want) && err.contains(CONFIG_FILE), "{cfg}: {err}");
         }
         let err = TokenizerInfo::from_parts(raw("byte_level"), Some(json!({"chat_template": "{% if %}"})))

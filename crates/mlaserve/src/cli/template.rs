@@ -29,8 +29,11 @@ pub struct Args {
 }
 
 fn read_array(path: &Path, what: &str) -> anyhow::Result<Vec<Value>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {what} file {}", path.display()))?;
-    match serde_json::from_str(&text).with_context(|| format!("{what} file {} is not JSON", path.display()))? {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read {what} file {}", path.display()))?;
+    let value: Value =
+        serde_json::from_str(&text).with_context(|| format!("{what} file {} is not JSON", path.display()))?;
+    match value {
         Value::Array(items) => Ok(items),
         _ => bail!("{what} file {} must hold a JSON array", path.display()),
     }
