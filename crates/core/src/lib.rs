@@ -4,7 +4,9 @@
 pub mod blocks;
 pub mod model_config;
 pub mod sampling;
+pub mod settings;
 
 pub use blocks::{BlockAllocator, BlockError};
 pub use model_config::{ConfigError, ModelConfig, Quantization, RopeLayout, RopeScaling};
 pub use sampling::SamplingParams;
+pub use settings::{Settings, SettingsError};

@@ -165,7 +165,10 @@ mod tests {
     }
 
     fn sample_one(l: &Tensor, p: &SamplingParams, output: &[u32]) -> SampleOutput {
-        Sampler.sample(l, &[SampleRow { params: p, prompt: &[], output, generated: output.len() as u64 }]).unwrap().remove(0)
+        Sampler
+            .sample(l, &[SampleRow { params: p, prompt: &[], output, generated: output.len() as u64 }])
+            .unwrap()
+            .remove(0)
     }
 
     #[test]

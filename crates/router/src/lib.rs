@@ -13,9 +13,9 @@ pub mod service;
 pub mod stop;
 pub mod tokenizer;
 
-pub use options::RouterOptions;
-pub use server::{load_model_facts, serve, RouterError};
 pub use chat_template::{ChatTemplate, TemplateError, DEEPSEEK_V3_TEMPLATE};
 pub use detokenize::IncrementalDetokenizer;
+pub use options::RouterOptions;
+pub use server::{load_model_facts, serve, RouterError};
 pub use stop::{StopMatcher, StopOutcome};
 pub use tokenizer::{TokenizerError, TokenizerInfo};

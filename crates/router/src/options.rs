@@ -28,6 +28,8 @@ pub struct RouterOptions {
     pub admission_watermark_blocks: usize,
     /// Pause between reconnection attempts when the pipeline is down.
     pub reconnect_interval: Duration,
+    /// After SIGTERM: how long in-flight streams may take to finish.
+    pub drain_timeout: Duration,
     pub model_id: String,
 }
 
@@ -47,6 +49,7 @@ impl Default for RouterOptions {
             max_request_bytes: 4 << 20,
             admission_watermark_blocks: 1,
             reconnect_interval: Duration::from_millis(500),
+            drain_timeout: Duration::from_secs(30),
             model_id: "mlaserve".into(),
         }
     }

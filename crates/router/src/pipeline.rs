@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use mlaserve_core::ModelConfig;
 use mlaserve_proto::internal::v1::stage_client::StageClient;
-use mlaserve_proto::internal::v1::{stage_message, Connect, Hop, InfoRequest, StageInfo, StageMessage, StepResult};
+use mlaserve_proto::internal::v1::{
+    stage_message, Connect, Hop, InfoRequest, StageInfo, StageMessage, StepResult,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;

@@ -104,7 +104,8 @@ pub fn messages_json(messages: &[ChatMessage], prefix: &str) -> Result<Vec<Value
                 if !(c.r#type.is_empty() || c.r#type == "function") {
                     return Err(invalid(format!("`{cf}.type` must be \"function\" (got {:?})", c.r#type)));
                 }
-                let func = c.function.as_ref().ok_or_else(|| invalid(format!("`{cf}.function` is missing")))?;
+                let func =
+                    c.function.as_ref().ok_or_else(|| invalid(format!("`{cf}.function` is missing")))?;
                 if func.name.trim().is_empty() {
                     return Err(invalid(format!("`{cf}.function.name` is empty")));
                 }
@@ -170,9 +171,10 @@ pub fn render_chat(
     add_generation_prompt: bool,
     prefix: &str,
 ) -> Result<(String, Vec<u32>), Status> {
-    let template = tok
-        .chat_template()
-        .ok_or_else(|| Status::failed_precondition("the model has no chat template; send `prompt` or `input_ids`"))?;
+    let _span = tracing::info_span!("template", messages = messages.len()).entered();
+    let template = tok.chat_template().ok_or_else(|| {
+        Status::failed_precondition("the model has no chat template; send `prompt` or `input_ids`")
+    })?;
     let msgs = messages_json(messages, prefix)?;
     let tools = tools_json(tools, "tools")?;
     let text = template
@@ -186,7 +188,11 @@ pub fn render_chat_request(tok: &TokenizerInfo, r: &RenderChatRequest) -> Result
     render_chat(tok, &r.messages, &r.tools, r.add_generation_prompt.unwrap_or(true), "messages")
 }
 
-pub fn sampling_params(s: Option<&SamplingParameters>, logprobs: bool, top_logprobs: u32) -> Result<SamplingParams, Status> {
+pub fn sampling_params(
+    s: Option<&SamplingParameters>,
+    logprobs: bool,
+    top_logprobs: u32,
+) -> Result<SamplingParams, Status> {
     let d = SamplingParameters::default();
     let s = s.unwrap_or(&d);
     let p = SamplingParams {
@@ -248,7 +254,10 @@ pub fn validate_generate(
         return Err(invalid("`add_special_tokens` requires `prompt` input"));
     }
     if r.top_logprobs > MAX_TOP_LOGPROBS {
-        return Err(invalid(format!("`top_logprobs` must be at most {MAX_TOP_LOGPROBS}, got {}", r.top_logprobs)));
+        return Err(invalid(format!(
+            "`top_logprobs` must be at most {MAX_TOP_LOGPROBS}, got {}",
+            r.top_logprobs
+        )));
     }
     let sampling = sampling_params(r.sampling.as_ref(), r.logprobs, r.top_logprobs)?;
 
@@ -266,7 +275,10 @@ pub fn validate_generate(
             return Err(invalid(format!("`stopping.stop[{i}]` is empty")));
         }
         if s.len() > opts.max_stop_length {
-            return Err(invalid(format!("`stopping.stop[{i}]` is longer than {} bytes", opts.max_stop_length)));
+            return Err(invalid(format!(
+                "`stopping.stop[{i}]` is longer than {} bytes",
+                opts.max_stop_length
+            )));
         }
     }
     for (i, &t) in stopping.stop_token_ids.iter().enumerate() {
@@ -290,6 +302,8 @@ pub fn validate_generate(
     }
 
     let tok_err = |e: crate::tokenizer::TokenizerError| Status::internal(format!("tokenizer: {e}"));
+    let tokenize_span = tracing::info_span!("tokenize", input = given[0], tokens = tracing::field::Empty);
+    let _entered = tokenize_span.enter();
     let prompt_ids = match given[0] {
         "prompt" => {
             let text = r.prompt.as_deref().unwrap_or_default();
@@ -315,6 +329,7 @@ pub fn validate_generate(
             ids.clone()
         }
     };
+    tokenize_span.record("tokens", prompt_ids.len() as i64);
     if prompt_ids.is_empty() {
         return Err(invalid(format!("`{}` is empty after tokenisation", given[0])));
     }

@@ -20,6 +20,10 @@ use mlaserve_proto::v1::{FinishReason, GenerateResponse, TokenLogprob, TopLogpro
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Code, Status};
 
+use mlaserve_telemetry::genai::{self, RouterMetrics};
+use mlaserve_telemetry::propagation;
+use opentelemetry::KeyValue;
+
 use crate::detokenize::IncrementalDetokenizer;
 use crate::options::RouterOptions;
 use crate::pipeline::{discover, CacheGeometry, Pipeline, PipelineEvent, StageEndpoint};
@@ -30,7 +34,7 @@ use crate::tokenizer::TokenizerInfo;
 pub type ResponseTx = mpsc::UnboundedSender<Result<GenerateResponse, Status>>;
 
 enum Command {
-    Submit(Box<ValidRequest>, ResponseTx),
+    Submit(Box<ValidRequest>, ResponseTx, tracing::Span),
     Snapshot(oneshot::Sender<Snapshot>),
 }
 
@@ -61,7 +65,8 @@ pub struct SchedulerHandle {
 
 impl SchedulerHandle {
     /// Queues a request; its responses arrive on `tx`.
-    pub fn submit(&self, req: ValidRequest, tx: ResponseTx) -> Result<(), Status> {
+    /// `span` is the request's span: the scheduler keeps it open until the request ends.
+    pub fn submit(&self, req: ValidRequest, tx: ResponseTx, span: tracing::Span) -> Result<(), Status> {
         if !self.healthy.load(Ordering::SeqCst) {
             let why = self.last_error.lock().map(|e| e.clone()).unwrap_or_default();
             return Err(Status::unavailable(format!(
@@ -77,7 +82,7 @@ impl SchedulerHandle {
                 self.max_queue
             )));
         }
-        self.tx.try_send(Command::Submit(Box::new(req), tx)).map_err(|_| {
+        self.tx.try_send(Command::Submit(Box::new(req), tx, span)).map_err(|_| {
             self.queued.fetch_sub(1, Ordering::SeqCst);
             Status::resource_exhausted("the scheduler is saturated; retry later")
         })
@@ -120,6 +125,9 @@ struct Seq {
     first_token: Option<Instant>,
     detok: IncrementalDetokenizer,
     stop: StopMatcher,
+    /// The request's span, and its queue-wait child while waiting for admission.
+    span: tracing::Span,
+    queue_span: Option<tracing::Span>,
 }
 
 impl Seq {
@@ -140,6 +148,9 @@ impl Seq {
 
 struct InFlight {
     seqs: Vec<(u64, usize, bool)>,
+    /// The step's span, open until its result arrives.
+    _span: tracing::Span,
+    sent: Instant,
 }
 
 pub struct Scheduler {
@@ -167,6 +178,8 @@ pub struct Scheduler {
     events_tx: mpsc::Sender<(u64, PipelineEvent)>,
     connected_tx: mpsc::Sender<(u64, Vec<StageEndpoint>, CacheGeometry, Pipeline)>,
     reconnecting: bool,
+    metrics: RouterMetrics,
+    tracing_on: bool,
 }
 
 type Connected = (u64, Vec<StageEndpoint>, CacheGeometry, Pipeline);
@@ -178,6 +191,8 @@ impl Scheduler {
         config: ModelConfig,
         opts: RouterOptions,
         max_total_tokens: usize,
+        metrics: RouterMetrics,
+        tracing_on: bool,
     ) -> SchedulerHandle {
         let (cmd_tx, cmd_rx) = mpsc::channel(opts.max_queue.max(16) * 2);
         let (events_tx, events_rx) = mpsc::channel(256);
@@ -214,6 +229,8 @@ impl Scheduler {
             events_tx,
             connected_tx,
             reconnecting: false,
+            metrics,
+            tracing_on,
             opts,
         };
         tokio::spawn(s.run(cmd_rx, events_rx, connected_rx));
@@ -234,9 +251,10 @@ impl Scheduler {
             if self.pipeline.is_some() {
                 self.fill().await;
             }
+            self.record_gauges();
             tokio::select! {
                 cmd = cmds.recv() => match cmd {
-                    Some(Command::Submit(req, tx)) => self.enqueue(*req, tx),
+                    Some(Command::Submit(req, tx, span)) => self.enqueue(*req, tx, span),
                     Some(Command::Snapshot(reply)) => { let _ = reply.send(self.snapshot()); }
                     None => break,
                 },
@@ -272,7 +290,7 @@ impl Scheduler {
         }
     }
 
-    fn enqueue(&mut self, req: ValidRequest, tx: ResponseTx) {
+    fn enqueue(&mut self, req: ValidRequest, tx: ResponseTx, span: tracing::Span) {
         let id = self.next_seq;
         self.next_seq += 1;
         if self.pipeline.is_none() {
@@ -281,7 +299,10 @@ impl Scheduler {
             return;
         }
         let tail = &req.prompt_ids[req.prompt_ids.len().saturating_sub(8)..];
+        let queue_span = tracing::info_span!(parent: &span, "queue");
         let seq = Seq {
+            span,
+            queue_span: Some(queue_span),
             id,
             detok: IncrementalDetokenizer::new(tail, true),
             stop: StopMatcher::new(req.stop.clone()),
@@ -336,6 +357,8 @@ impl Scheduler {
 
     /// Ends a sequence with `status` (sent if the client still listens) and frees its blocks.
     fn drop_seq(&mut self, seq: Seq, status: Status) {
+        seq.span.record("otel.status_code", "ERROR");
+        seq.span.record("error.type", format!("{:?}", status.code()));
         if status.code() != Code::Cancelled {
             let _ = seq.tx.send(Err(status.clone()));
         }
@@ -352,6 +375,14 @@ impl Scheduler {
         if seq.registered {
             self.pending_release.push(seq.id);
         }
+    }
+
+    fn record_gauges(&self) {
+        let m = &self.metrics;
+        m.running.record(self.running.len() as u64, &m.base);
+        m.waiting.record(self.waiting.len() as u64, &m.base);
+        m.blocks_used.record(self.alloc.num_used() as u64, &m.base);
+        m.blocks_free.record(self.alloc.num_free() as u64, &m.base);
     }
 
     fn max_in_flight(&self) -> usize {
@@ -376,7 +407,8 @@ impl Scheduler {
                 release: std::mem::take(&mut self.pending_release),
                 ..Default::default()
             };
-            self.send(step, InFlight { seqs: vec![] }).await;
+            self.send(step, InFlight { seqs: vec![], _span: tracing::Span::none(), sent: Instant::now() })
+                .await;
         }
     }
 
@@ -423,6 +455,7 @@ impl Scheduler {
         let mut seq = self.running.remove(&id).expect("running");
         tracing::info!(seq = id, tokens = seq.tokens.len(), "preempting (will recompute)");
         self.preemptions += 1;
+        self.metrics.preemptions.add(1, &self.metrics.base);
         let table = std::mem::take(&mut seq.table);
         if let Err(e) = self.alloc.release(&table) {
             tracing::error!(seq = id, "block release failed: {e}");
@@ -488,7 +521,8 @@ impl Scheduler {
             let Some(head) = self.waiting.front() else { break };
             let n = head.tokens.len().min(budget);
             let need = blocks_for(n, self.alloc.block_size());
-            if self.alloc.num_free() < need + self.opts.admission_watermark_blocks.min(self.alloc.num_free()) {
+            if self.alloc.num_free() < need + self.opts.admission_watermark_blocks.min(self.alloc.num_free())
+            {
                 break;
             }
             let mut seq = self.waiting.pop_front().expect("head exists");
@@ -497,7 +531,15 @@ impl Scheduler {
                 self.waiting.push_front(seq);
                 break;
             }
-            seq.first_scheduled.get_or_insert_with(Instant::now);
+            if seq.first_scheduled.is_none() {
+                let now = Instant::now();
+                seq.first_scheduled = Some(now);
+                self.metrics
+                    .queue_duration
+                    .record(now.duration_since(seq.req.arrival).as_secs_f64(), &self.metrics.base);
+                self.metrics.prompt_tokens.add(seq.prompt_len as u64, &self.metrics.base);
+            }
+            seq.queue_span = None;
             work.push((seq.id, n));
             busy.insert(seq.id);
             budget -= n;
@@ -508,12 +550,34 @@ impl Scheduler {
         }
         work.sort_unstable();
         let step_id = self.take_step_id();
+        let tokens: usize = work.iter().map(|w| w.1).sum();
+        // One span per step, in the trace of its oldest request and linked to the others'.
+        let span = tracing::info_span!(
+            parent: None,
+            "step",
+            step_id,
+            batch_size = work.len(),
+            tokens,
+            "otel.kind" = "internal"
+        );
+        let trace_context = if self.tracing_on {
+            let ctxs: Vec<_> =
+                work.iter().map(|w| propagation::span_context(&self.running[&w.0].span)).collect();
+            if let Some(first) = ctxs.first() {
+                propagation::set_parent_span(&span, first);
+            }
+            propagation::add_links(&span, &ctxs[1..]);
+            propagation::inject_span(&span)
+        } else {
+            Default::default()
+        };
         let mut seqs = Vec::with_capacity(work.len());
-        let mut inflight = InFlight { seqs: Vec::with_capacity(work.len()) };
+        let mut inflight =
+            InFlight { seqs: Vec::with_capacity(work.len()), _span: span, sent: Instant::now() };
         for (id, n) in work {
             let s = self.running.get_mut(&id).expect("running");
             let sample = s.cached + n == s.tokens.len();
-            let setup = (!s.registered).then(|| SequenceSetup {
+            let setup = (!s.registered).then_some(SequenceSetup {
                 sampling: Some(SamplingSettings {
                     temperature: s.req.sampling.temperature,
                     top_k: s.req.sampling.top_k,
@@ -547,7 +611,7 @@ impl Scheduler {
             release: std::mem::take(&mut self.pending_release),
             seqs,
             hidden: None,
-            trace_context: Default::default(),
+            trace_context,
         };
         Some((step, inflight))
     }
@@ -557,13 +621,16 @@ impl Scheduler {
             tracing::warn!(step = r.step_id, "result for an unknown step");
             return;
         };
+        if !step.seqs.is_empty() {
+            self.metrics.step_duration.record(step.sent.elapsed().as_secs_f64(), &self.metrics.base);
+        }
+        self.record_gauges();
         if let Some(err) = r.error {
             let status = Status::new(Code::from_i32(err.code), format!("step failed: {}", err.message));
             tracing::warn!(step = r.step_id, "{}", status.message());
             for (id, _, _) in step.seqs {
-                if let Some(mut seq) = self.running.remove(&id) {
-                    // The stages dropped this sequence already; do not ask them again.
-                    seq.registered = false;
+                if let Some(seq) = self.running.remove(&id) {
+                    // The failing stage dropped it; the others still hold it until the release.
                     self.drop_seq(seq, status.clone());
                 }
             }
@@ -600,7 +667,10 @@ impl Scheduler {
         let tok = self.tok.clone();
         let max_total = self.max_total_tokens;
         let seq = self.running.get_mut(&id).expect("present");
-        seq.first_token.get_or_insert(now);
+        if seq.first_token.is_none() {
+            seq.first_token = Some(now);
+            tracing::info!(parent: &seq.span, "first_token");
+        }
         let token = t.token_id;
         seq.tokens.push(token);
         let is_eos = seq.req.eos_token_ids.contains(&token);
@@ -644,14 +714,20 @@ impl Scheduler {
                 top: t
                     .top
                     .iter()
-                    .map(|x| TopLogprob { token_id: x.token_id, logprob: x.logprob, text: tok.token_text(x.token_id) })
+                    .map(|x| TopLogprob {
+                        token_id: x.token_id,
+                        logprob: x.logprob,
+                        text: tok.token_text(x.token_id),
+                    })
                     .collect(),
             }]
         } else {
             vec![]
         };
         let usage = finish.map(|_| {
-            let secs = |t: Option<Instant>| t.map(|t| t.duration_since(seq.req.arrival).as_secs_f64()).unwrap_or(0.0);
+            let secs = |t: Option<Instant>| {
+                t.map(|t| t.duration_since(seq.req.arrival).as_secs_f64()).unwrap_or(0.0)
+            };
             Usage {
                 prompt_tokens: seq.prompt_len as u32,
                 completion_tokens: seq.generated() as u32,
@@ -661,6 +737,30 @@ impl Scheduler {
                 total_seconds: now.duration_since(seq.req.arrival).as_secs_f64(),
             }
         });
+        self.metrics.generated_tokens.add(1, &self.metrics.base);
+        if let Some(reason) = finish {
+            let reason_name = match reason {
+                FinishReason::Length => "length",
+                FinishReason::Stop => "stop",
+                FinishReason::Eos => "eos",
+                _ => "cancelled",
+            };
+            let total = now.duration_since(seq.req.arrival).as_secs_f64();
+            let ttft =
+                seq.first_token.map(|t| t.duration_since(seq.req.arrival).as_secs_f64()).unwrap_or(total);
+            let m = &self.metrics;
+            m.ttft.record(ttft, &m.base);
+            m.request_duration.record(total, &m.base);
+            if seq.generated() > 1 {
+                m.tpot.record((total - ttft) / (seq.generated() - 1) as f64, &m.base);
+            }
+            let mut attrs = m.base.clone();
+            attrs.push(KeyValue::new("finish_reason", reason_name));
+            m.requests.add(1, &attrs);
+            seq.span.record(genai::USAGE_INPUT_TOKENS, seq.prompt_len as i64);
+            seq.span.record(genai::USAGE_OUTPUT_TOKENS, seq.generated() as i64);
+            seq.span.record(genai::RESPONSE_FINISH_REASONS, format!("[\"{reason_name}\"]"));
+        }
         let msg = GenerateResponse {
             request_id: seq.req.request_id.clone(),
             token_ids: vec![token],

@@ -37,36 +37,71 @@ pub async fn serve(
     dir: &Path,
     opts: RouterOptions,
     listener: TcpListener,
+    telemetry: &mlaserve_telemetry::Telemetry,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RouterError> {
     let (config, tok) = load_model_facts(dir)?;
     let tok = Arc::new(tok);
     let max_total = config.max_position_embeddings;
-    let scheduler = Scheduler::spawn(tok.clone(), config.clone(), opts.clone(), max_total);
+    let metrics =
+        mlaserve_telemetry::genai::RouterMetrics::new(&telemetry.meter("mlaserve.router"), &opts.model_id);
+    let scheduler = Scheduler::spawn(
+        tok.clone(),
+        config.clone(),
+        opts.clone(),
+        max_total,
+        metrics,
+        telemetry.tracing_enabled(),
+    );
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_service_status("", ServingStatus::NotServing).await;
     reporter.set_not_serving::<GenerationServer<GenerationService>>().await;
-    tokio::spawn(track_health(scheduler.clone(), reporter));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(track_health(scheduler.clone(), reporter, stop_rx.clone()));
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
     let service = GenerationServer::new(GenerationService { tok, config, opts: opts.clone(), scheduler })
         .max_decoding_message_size(opts.max_request_bytes)
         .max_encoding_message_size(64 << 20);
     let (refl_v1, refl_v1alpha) = mlaserve_proto::reflection_services();
-    tonic::transport::Server::builder()
+    let mut stopping = stop_rx.clone();
+    let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(health)
         .add_service(refl_v1)
         .add_service(refl_v1alpha)
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
-        .map_err(|e| RouterError::Server(e.to_string()))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = stopping.wait_for(|s| *s).await;
+        });
+    tokio::pin!(server);
+    // After the signal the server stops accepting and waits for open streams; at most drain_timeout.
+    let mut stopped = stop_rx;
+    let drain = opts.drain_timeout;
+    tokio::select! {
+        r = &mut server => r.map_err(|e| RouterError::Server(e.to_string())),
+        _ = async {
+            let _ = stopped.wait_for(|s| *s).await;
+            tracing::info!(secs = drain.as_secs_f64(), "draining in-flight streams");
+            tokio::time::sleep(drain).await;
+        } => {
+            tracing::warn!("drain timeout: closing the remaining streams");
+            Ok(())
+        }
+    }
 }
 
 /// Mirrors the pipeline's state into grpc.health.v1 (overall and per service).
-async fn track_health(scheduler: SchedulerHandle, reporter: tonic_health::server::HealthReporter) {
+async fn track_health(
+    scheduler: SchedulerHandle,
+    reporter: tonic_health::server::HealthReporter,
+    stopping: tokio::sync::watch::Receiver<bool>,
+) {
     let mut last = None;
     loop {
-        let healthy = scheduler.healthy();
+        let healthy = scheduler.healthy() && !*stopping.borrow();
         if last != Some(healthy) {
             let status = if healthy { ServingStatus::Serving } else { ServingStatus::NotServing };
             reporter.set_service_status("", status).await;

@@ -16,6 +16,8 @@ use tokio_stream::Stream;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
+use mlaserve_telemetry::propagation;
+
 use crate::options::RouterOptions;
 use crate::request::{render_chat_request, validate_generate, ModelLimits};
 use crate::scheduler::SchedulerHandle;
@@ -65,11 +67,50 @@ impl Generation for GenerationService {
 
     async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
         let deadline = grpc_timeout(req.metadata()).map(|d| Instant::now() + d);
+        let parent = propagation::extract_metadata(req.metadata());
         let r = req.into_inner();
-        let valid = validate_generate(&r, &self.tok, &self.limits(), &self.opts, deadline)?;
-        tracing::debug!(request_id = %valid.request_id, prompt_tokens = valid.prompt_ids.len(), "generate");
+        let operation = if r.messages.is_empty() { "text_completion" } else { "chat" };
+        let model = self.opts.model_id.as_str();
+        let span = tracing::info_span!(
+            "generate",
+            "otel.name" = format!("{operation} {model}"),
+            "otel.kind" = "server",
+            "otel.status_code" = tracing::field::Empty,
+            "error.type" = tracing::field::Empty,
+            "gen_ai.operation.name" = operation,
+            "gen_ai.provider.name" = "mlaserve",
+            "gen_ai.request.model" = model,
+            "gen_ai.request.max_tokens" = tracing::field::Empty,
+            "gen_ai.request.temperature" = tracing::field::Empty,
+            "gen_ai.request.top_p" = tracing::field::Empty,
+            "gen_ai.request.top_k" = tracing::field::Empty,
+            "gen_ai.request.seed" = tracing::field::Empty,
+            "gen_ai.response.id" = tracing::field::Empty,
+            "gen_ai.response.finish_reasons" = tracing::field::Empty,
+            "gen_ai.usage.input_tokens" = tracing::field::Empty,
+            "gen_ai.usage.output_tokens" = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        propagation::set_remote_parent(&span, parent);
+        propagation::record_trace_id(&span);
+        let valid = span.in_scope(|| validate_generate(&r, &self.tok, &self.limits(), &self.opts, deadline));
+        let valid = match valid {
+            Ok(v) => v,
+            Err(status) => {
+                span.record("otel.status_code", "ERROR");
+                span.record("error.type", format!("{:?}", status.code()));
+                return Err(status);
+            }
+        };
+        span.record("gen_ai.response.id", valid.request_id.as_str());
+        span.record("gen_ai.request.max_tokens", valid.max_new_tokens as i64);
+        span.record("gen_ai.request.temperature", valid.sampling.temperature as f64);
+        span.record("gen_ai.request.top_p", valid.sampling.top_p as f64);
+        span.record("gen_ai.request.top_k", valid.sampling.top_k as i64);
+        span.record("gen_ai.request.seed", valid.sampling.seed as i64);
+        tracing::debug!(parent: &span, request_id = %valid.request_id, prompt_tokens = valid.prompt_ids.len(), "generate");
         let (tx, rx) = mpsc::unbounded_channel();
-        self.scheduler.submit(valid, tx)?;
+        self.scheduler.submit(valid, tx, span)?;
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
     }
 
@@ -82,7 +123,10 @@ impl Generation for GenerationService {
         Ok(Response::new(TokenizeResponse { ids, tokens }))
     }
 
-    async fn detokenize(&self, req: Request<DetokenizeRequest>) -> Result<Response<DetokenizeResponse>, Status> {
+    async fn detokenize(
+        &self,
+        req: Request<DetokenizeRequest>,
+    ) -> Result<Response<DetokenizeResponse>, Status> {
         let r = req.into_inner();
         if let Some((i, t)) = r.ids.iter().enumerate().find(|(_, &t)| t as usize >= self.config.vocab_size) {
             return Err(Status::invalid_argument(format!(
@@ -97,12 +141,18 @@ impl Generation for GenerationService {
         Ok(Response::new(DetokenizeResponse { text }))
     }
 
-    async fn render_chat(&self, req: Request<RenderChatRequest>) -> Result<Response<RenderChatResponse>, Status> {
+    async fn render_chat(
+        &self,
+        req: Request<RenderChatRequest>,
+    ) -> Result<Response<RenderChatResponse>, Status> {
         let (prompt, ids) = render_chat_request(&self.tok, &req.into_inner())?;
         Ok(Response::new(RenderChatResponse { prompt, ids }))
     }
 
-    async fn model_info(&self, _req: Request<ModelInfoRequest>) -> Result<Response<ModelInfoResponse>, Status> {
+    async fn model_info(
+        &self,
+        _req: Request<ModelInfoRequest>,
+    ) -> Result<Response<ModelInfoResponse>, Status> {
         let snap = self.scheduler.snapshot().await;
         let c = &self.config;
         let max_total = self.scheduler.max_total_tokens();
@@ -119,7 +169,8 @@ impl Generation for GenerationService {
                 error: if snap.healthy { String::new() } else { snap.last_error.clone().unwrap_or_default() },
             })
             .collect();
-        let geometry = snap.geometry.unwrap_or(crate::pipeline::CacheGeometry { num_blocks: 0, block_size: 0 });
+        let geometry =
+            snap.geometry.unwrap_or(crate::pipeline::CacheGeometry { num_blocks: 0, block_size: 0 });
         Ok(Response::new(ModelInfoResponse {
             model_id: self.opts.model_id.clone(),
             model_type: c.model_type.clone(),

@@ -258,7 +258,8 @@ impl StageEngine {
             return Ok(StepOutput::Tokens(vec![]));
         }
         let rows: Vec<i64> = sampled.iter().map(|&i| plan.last_rows[i]).collect();
-        let h = self.model.final_norm(&x.index_select(0, &Tensor::from_slice(&rows).to_device(x.device())))?;
+        let h =
+            self.model.final_norm(&x.index_select(0, &Tensor::from_slice(&rows).to_device(x.device())))?;
         let logits = self.model.logits(&h)?;
         let states: Vec<&SeqState> =
             sampled.iter().map(|&i| self.registry.get(step.seqs[i].seq_id).expect("registered")).collect();
@@ -283,7 +284,11 @@ impl StageEngine {
                     seq_id: step.seqs[i].seq_id,
                     token_id: o.token,
                     logprob: o.logprob,
-                    top: o.top.into_iter().map(|(token_id, logprob)| TopToken { token_id, logprob }).collect(),
+                    top: o
+                        .top
+                        .into_iter()
+                        .map(|(token_id, logprob)| TopToken { token_id, logprob })
+                        .collect(),
                 })
                 .collect(),
         ))

@@ -104,12 +104,20 @@ fn load(opts: &WorkerOptions) -> Result<(Compute, StageFacts), StageError> {
 pub async fn serve(
     opts: WorkerOptions,
     listener: TcpListener,
+    telemetry: Option<&mlaserve_telemetry::Telemetry>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StageError> {
+    let metrics = telemetry.map(|t| {
+        mlaserve_telemetry::genai::StageMetrics::new(
+            &t.meter("mlaserve.worker"),
+            opts.layers.start,
+            opts.layers.end,
+        )
+    });
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_not_serving::<StageServer<StageService>>().await;
     let loaded: Arc<OnceLock<(Compute, StageFacts)>> = Arc::new(OnceLock::new());
-    let service = StageServer::new(StageService::new(loaded.clone()))
+    let service = StageServer::new(StageService::new(loaded.clone(), metrics))
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
     let (refl_v1, refl_v1alpha) = mlaserve_proto::reflection_services();

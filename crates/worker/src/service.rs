@@ -8,13 +8,18 @@ use std::time::Duration;
 use mlaserve_proto::internal::v1::stage_client::StageClient;
 use mlaserve_proto::internal::v1::stage_server::Stage;
 use mlaserve_proto::internal::v1::{
-    stage_message, Connect, Hop, InfoRequest, StageInfo, StageMessage, StageTiming, Step, StepError, StepResult,
+    stage_message, Connect, Hop, InfoRequest, StageInfo, StageMessage, StageTiming, Step, StepError,
+    StepResult,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
+
+use mlaserve_telemetry::genai::StageMetrics;
+use mlaserve_telemetry::propagation;
+use tracing::Instrument;
 
 use crate::compute::{Compute, StepOutput};
 use crate::error::StageError;
@@ -27,6 +32,7 @@ pub struct StageFacts {
 
 pub struct StageService {
     loaded: Arc<OnceLock<(Compute, StageFacts)>>,
+    metrics: Option<StageMetrics>,
     session: Arc<AtomicU64>,
     connect_timeout: Duration,
 }
@@ -35,8 +41,13 @@ pub struct StageService {
 const STREAM_BUFFER: usize = 64;
 
 impl StageService {
-    pub fn new(loaded: Arc<OnceLock<(Compute, StageFacts)>>) -> Self {
-        StageService { loaded, session: Arc::new(AtomicU64::new(0)), connect_timeout: Duration::from_secs(10) }
+    pub fn new(loaded: Arc<OnceLock<(Compute, StageFacts)>>, metrics: Option<StageMetrics>) -> Self {
+        StageService {
+            loaded,
+            metrics,
+            session: Arc::new(AtomicU64::new(0)),
+            connect_timeout: Duration::from_secs(10),
+        }
     }
 
     fn ready(&self) -> Result<&(Compute, StageFacts), Status> {
@@ -177,6 +188,7 @@ impl Stage for StageService {
         };
 
         let session_counter = self.session.clone();
+        let metrics = self.metrics.clone();
         tokio::spawn(async move {
             loop {
                 let msg = match inbound.message().await {
@@ -192,10 +204,11 @@ impl Stage for StageService {
                     break;
                 }
                 let Some(stage_message::Msg::Step(step)) = msg.msg else {
-                    let _ = up_tx.send(Err(Status::invalid_argument("`connect` may only be sent once"))).await;
+                    let _ =
+                        up_tx.send(Err(Status::invalid_argument("`connect` may only be sent once"))).await;
                     break;
                 };
-                if !process_step(&compute, step, layers, down_tx.as_ref(), &up_tx).await {
+                if !process_step(&compute, step, layers, down_tx.as_ref(), &up_tx, metrics.as_ref()).await {
                     break;
                 }
             }
@@ -212,20 +225,44 @@ impl Stage for StageService {
 /// session cannot continue.
 async fn process_step(
     compute: &Compute,
+    step: Step,
+    layers: (u32, u32),
+    down_tx: Option<&mpsc::Sender<StageMessage>>,
+    up_tx: &mpsc::Sender<Result<StepResult, Status>>,
+    metrics: Option<&StageMetrics>,
+) -> bool {
+    let step_id = step.step_id;
+    let tokens = step.seqs.iter().map(|s| s.token_ids.len()).sum::<usize>();
+    if step.seqs.is_empty() {
+        // Housekeeping (releases only): nothing to trace.
+        return forward_or_answer(compute, step, layers, down_tx, up_tx, None).await;
+    }
+    // A span per stage forward, parented to the router's step span (trace context in the message).
+    let span = tracing::info_span!(
+        "stage_forward",
+        "otel.name" = format!("stage_forward {}..{}", layers.0, layers.1),
+        step_id,
+        layer_start = layers.0,
+        layer_end = layers.1,
+        batch_size = step.seqs.len(),
+        tokens,
+        trace_id = tracing::field::Empty,
+    );
+    propagation::set_remote_parent(&span, propagation::extract_map(&step.trace_context));
+    propagation::record_trace_id(&span);
+    forward_or_answer(compute, step, layers, down_tx, up_tx, metrics).instrument(span).await
+}
+
+async fn forward_or_answer(
+    compute: &Compute,
     mut step: Step,
     layers: (u32, u32),
     down_tx: Option<&mpsc::Sender<StageMessage>>,
     up_tx: &mpsc::Sender<Result<StepResult, Status>>,
+    metrics: Option<&StageMetrics>,
 ) -> bool {
     let step_id = step.step_id;
-    let span = tracing::info_span!(
-        "stage_forward",
-        step_id,
-        layers = ?(layers.0..layers.1),
-        batch = step.seqs.len(),
-        tokens = step.seqs.iter().map(|s| s.token_ids.len()).sum::<usize>()
-    );
-    let _enter = span.enter();
+    let tokens = step.seqs.iter().map(|s| s.token_ids.len()).sum::<usize>() as u64;
     let input = std::mem::take(&mut step.hidden);
     let mut to_run = step.clone();
     to_run.hidden = input;
@@ -242,8 +279,20 @@ async fn process_step(
         layer_start: layers.0,
         layer_end: layers.1,
         compute_seconds: done.compute_seconds,
-        hidden_bytes_sent: 0,
+        hidden_bytes_sent: match &done.output {
+            StepOutput::Hidden(h) => h.data.len() as u64,
+            _ => 0,
+        },
     };
+    if let Some(m) = metrics {
+        if tokens > 0 {
+            m.forward_duration.record(done.compute_seconds, &m.base);
+            m.tokens.add(tokens, &m.base);
+        }
+        if timing.hidden_bytes_sent > 0 {
+            m.hidden_bytes.add(timing.hidden_bytes_sent, &m.base);
+        }
+    }
     match (done.output, down_tx) {
         (StepOutput::Hidden(h), Some(down)) => {
             step.hidden = Some(h);

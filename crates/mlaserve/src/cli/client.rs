@@ -54,7 +54,7 @@ pub struct ChatArgs {
 
 async fn connect(target: &str) -> anyhow::Result<GenerationClient<Channel>> {
     let uri = if target.contains("://") { target.to_string() } else { format!("http://{target}") };
-    Ok(GenerationClient::connect(uri.clone()).await.with_context(|| format!("connecting to {uri}"))?)
+    GenerationClient::connect(uri.clone()).await.with_context(|| format!("connecting to {uri}"))
 }
 
 fn request(c: &Common) -> GenerateRequest {
@@ -75,8 +75,16 @@ fn request(c: &Common) -> GenerateRequest {
 }
 
 /// Streams one generation to stdout; returns the full text.
-async fn stream(client: &mut GenerationClient<Channel>, req: GenerateRequest, show_usage: bool) -> anyhow::Result<String> {
-    let mut s = client.generate(req).await.map_err(|e| anyhow::anyhow!("{}: {}", e.code(), e.message()))?.into_inner();
+async fn stream(
+    client: &mut GenerationClient<Channel>,
+    req: GenerateRequest,
+    show_usage: bool,
+) -> anyhow::Result<String> {
+    let mut s = client
+        .generate(req)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}: {}", e.code(), e.message()))?
+        .into_inner();
     let mut out = std::io::stdout();
     let mut text = String::new();
     let mut usage: Option<(Usage, i32)> = None;
@@ -114,12 +122,18 @@ pub fn chat(a: ChatArgs) -> anyhow::Result<()> {
         let mut client = connect(&a.common.target).await?;
         let mut history: Vec<ChatMessage> = vec![];
         if let Some(s) = &a.system {
-            history.push(ChatMessage { role: "system".into(), content: Some(s.clone()), ..Default::default() });
+            history.push(ChatMessage {
+                role: "system".into(),
+                content: Some(s.clone()),
+                ..Default::default()
+            });
         }
         let one_shot = a.message.is_some();
         let mut inputs: Box<dyn Iterator<Item = String>> = match &a.message {
             Some(m) => Box::new(std::iter::once(m.clone())),
-            None => Box::new(std::io::stdin().lock().lines().map_while(Result::ok).collect::<Vec<_>>().into_iter()),
+            None => Box::new(
+                std::io::stdin().lock().lines().map_while(Result::ok).collect::<Vec<_>>().into_iter(),
+            ),
         };
         if !one_shot {
             eprintln!("(reading messages from stdin, one per line)");
@@ -132,7 +146,11 @@ pub fn chat(a: ChatArgs) -> anyhow::Result<()> {
             let mut req = request(&a.common);
             req.messages = history.clone();
             let reply = stream(&mut client, req, a.common.usage).await?;
-            history.push(ChatMessage { role: "assistant".into(), content: Some(reply), ..Default::default() });
+            history.push(ChatMessage {
+                role: "assistant".into(),
+                content: Some(reply),
+                ..Default::default()
+            });
         }
         Ok(())
     })

@@ -7,6 +7,7 @@ mod generate;
 mod logits;
 mod router;
 mod serve;
+mod settings;
 mod template;
 mod util;
 mod worker;
@@ -19,6 +20,8 @@ pub struct Cli {
     /// Intra-op CPU threads for libtorch (default: all cores).
     #[arg(long, global = true, env = "MLASERVE_THREADS")]
     threads: Option<i32>,
+    #[command(flatten)]
+    global: settings::Global,
     #[command(subcommand)]
     command: Command,
 }
@@ -43,10 +46,15 @@ enum Command {
     Chat(client::ChatArgs),
     /// Build (if needed) the random demo model and print its directory.
     DemoModel,
+    /// Print the effective configuration (defaults < --config file < MLASERVE_* environment) as TOML.
+    Config,
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    util::init_logging();
+    // Serving roles set up logging with their telemetry settings; tools log plainly.
+    if !matches!(cli.command, Command::Worker(_) | Command::Router(_) | Command::Serve(_)) {
+        util::init_logging();
+    }
     if let Some(t) = cli.threads {
         tch::set_num_threads(t);
     }
@@ -54,13 +62,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Logits(a) => logits::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Template(a) => template::run(a),
-        Command::Worker(a) => worker::run(a),
-        Command::Router(a) => router::run(a),
-        Command::Serve(a) => serve::run(a),
+        Command::Worker(a) => worker::run(a, &cli.global),
+        Command::Router(a) => router::run(a, &cli.global),
+        Command::Serve(a) => serve::run(a, &cli.global),
         Command::Complete(a) => client::complete(a),
         Command::Chat(a) => client::chat(a),
         Command::DemoModel => {
             println!("{}", demo::ensure_demo_model()?.display());
+            Ok(())
+        }
+        Command::Config => {
+            print!("{}", settings::load(&cli.global, settings::Overrides::default())?.to_toml());
             Ok(())
         }
     }

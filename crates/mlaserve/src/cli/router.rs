@@ -1,73 +1,123 @@
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use mlaserve_core::Settings;
 use mlaserve_router::RouterOptions;
+use mlaserve_telemetry::{Role, Telemetry};
 
-use super::util::{bind, runtime, shutdown_signal};
+use super::settings::{check_done, load, required, Global, Overrides};
+use super::util::{bind, runtime, serve_metrics, shutdown_signal};
 
-#[derive(clap::Args, Clone)]
+#[derive(clap::Args, Clone, Default)]
 pub struct Args {
-    /// Model directory: config.json, tokenizer.json, tokenizer_config.json (weights not needed).
+    /// Model directory: config.json and tokenizer files, weights not needed [router.model].
     #[arg(long)]
-    pub model: PathBuf,
-    #[arg(long, default_value = "0.0.0.0:50051")]
-    pub listen: SocketAddr,
-    /// A pipeline stage address, in layer order (repeat for each stage).
-    #[arg(long = "stage", required = true)]
+    pub model: Option<PathBuf>,
+    /// Public gRPC address [router.listen, default 0.0.0.0:50051].
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// A pipeline stage address, in layer order; repeat per stage [router.stages].
+    #[arg(long = "stage")]
     pub stages: Vec<String>,
     #[command(flatten)]
     pub limits: Limits,
 }
 
-/// Batching and request limits shared by `router` and `serve`.
-#[derive(clap::Args, Clone)]
+/// Batching and request limits shared by `router` and `serve` (keys under `router.`).
+#[derive(clap::Args, Clone, Default)]
 pub struct Limits {
-    /// New tokens per step across all sequences.
-    #[arg(long, default_value_t = 512)]
-    pub max_batch_tokens: usize,
-    /// Sequences running at once.
-    #[arg(long, default_value_t = 256)]
-    pub max_running: usize,
-    /// Requests waiting for admission before RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = 1024)]
-    pub max_queue: usize,
-    /// Largest max_new_tokens a request may ask for.
-    #[arg(long, default_value_t = 4096)]
-    pub max_new_tokens: usize,
-    /// max_new_tokens when a request leaves it unset.
-    #[arg(long, default_value_t = 256)]
-    pub default_max_new_tokens: usize,
-    /// Steps in flight at once (0 = one per stage).
-    #[arg(long, default_value_t = 0)]
-    pub max_steps_in_flight: usize,
-    /// Name reported by ModelInfo (default: the model directory's name).
+    /// New tokens per step across all sequences [default 512].
+    #[arg(long)]
+    pub max_batch_tokens: Option<usize>,
+    /// Sequences running at once [default 256].
+    #[arg(long)]
+    pub max_running: Option<usize>,
+    /// Requests waiting for admission before RESOURCE_EXHAUSTED [default 1024].
+    #[arg(long)]
+    pub max_queue: Option<usize>,
+    /// Largest max_new_tokens a request may ask for [default 4096].
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// max_new_tokens when a request leaves it unset [default 256].
+    #[arg(long)]
+    pub default_max_new_tokens: Option<usize>,
+    /// Steps in flight at once, 0 = one per stage [default 0].
+    #[arg(long)]
+    pub max_steps_in_flight: Option<usize>,
+    /// Name reported by ModelInfo and telemetry [default: the model directory's name].
     #[arg(long)]
     pub model_id: Option<String>,
+    /// Prometheus /metrics address [router.metrics_listen, default off].
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
+    /// Seconds to let streams finish after SIGTERM [router.drain_timeout_secs, default 30].
+    #[arg(long)]
+    pub drain_timeout_secs: Option<u64>,
 }
 
 impl Limits {
-    pub fn options(&self, stages: Vec<String>, model: &std::path::Path) -> RouterOptions {
-        RouterOptions {
-            stages,
-            max_batch_tokens: self.max_batch_tokens,
-            max_running: self.max_running,
-            max_queue: self.max_queue,
-            max_new_tokens: self.max_new_tokens,
-            default_max_new_tokens: self.default_max_new_tokens,
-            max_steps_in_flight: self.max_steps_in_flight,
-            model_id: self.model_id.clone().unwrap_or_else(|| {
-                model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "mlaserve".into())
-            }),
-            ..RouterOptions::default()
-        }
+    pub fn apply(&self, o: &mut Overrides) {
+        o.set_num("router.max_batch_tokens", self.max_batch_tokens);
+        o.set_num("router.max_running", self.max_running);
+        o.set_num("router.max_queue", self.max_queue);
+        o.set_num("router.max_new_tokens", self.max_new_tokens);
+        o.set_num("router.default_max_new_tokens", self.default_max_new_tokens);
+        o.set_num("router.max_steps_in_flight", self.max_steps_in_flight);
+        o.set("router.model_id", self.model_id.clone());
+        o.set("router.metrics_listen", self.metrics_listen.clone());
+        o.set("router.drain_timeout_secs", self.drain_timeout_secs);
     }
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
-    let opts = a.limits.options(a.stages.clone(), &a.model);
+/// Router options from settings, for `model` served by `stages`.
+pub fn router_options(s: &Settings, stages: Vec<String>, model: &Path) -> RouterOptions {
+    let r = &s.router;
+    let model_id = if r.model_id.is_empty() {
+        model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "mlaserve".into())
+    } else {
+        r.model_id.clone()
+    };
+    RouterOptions {
+        stages,
+        max_batch_tokens: r.max_batch_tokens,
+        max_running: r.max_running,
+        max_queue: r.max_queue,
+        max_steps_in_flight: r.max_steps_in_flight,
+        max_new_tokens: r.max_new_tokens,
+        default_max_new_tokens: r.default_max_new_tokens,
+        max_input_tokens: r.max_input_tokens,
+        max_stop_sequences: r.max_stop_sequences,
+        max_request_bytes: r.max_request_bytes,
+        drain_timeout: Duration::from_secs(r.drain_timeout_secs),
+        model_id,
+        ..RouterOptions::default()
+    }
+}
+
+pub fn run(a: Args, g: &Global) -> anyhow::Result<()> {
+    let mut o = Overrides::default();
+    o.set("router.model", a.model.as_ref().map(|p| p.display().to_string()));
+    o.set("router.listen", a.listen.clone());
+    if !a.stages.is_empty() {
+        o.set("router.stages", Some(a.stages.clone()));
+    }
+    a.limits.apply(&mut o);
+    let s = load(g, o)?;
+    let model = PathBuf::from(required(&s.router.model, "router.model", "--model")?);
+    if s.router.stages.is_empty() {
+        anyhow::bail!("`router.stages` is required: pass --stage for each stage, set it in the config file, or set MLASERVE_ROUTER__STAGES");
+    }
+    if check_done(g, &s, "router") {
+        return Ok(());
+    }
+    let opts = router_options(&s, s.router.stages.clone(), &model);
+    let listen = s.router.listen.parse()?;
     runtime()?.block_on(async move {
-        let listener = bind(a.listen, "router").await?;
-        mlaserve_router::serve(&a.model, opts, listener, shutdown_signal()).await?;
+        let telemetry = Telemetry::init(&s.telemetry, Role::Router)?;
+        serve_metrics(&s.router.metrics_listen, &telemetry).await?;
+        let listener = bind(listen, "router").await?;
+        mlaserve_router::serve(&model, opts, listener, &telemetry, shutdown_signal()).await?;
+        telemetry.shutdown();
         Ok(())
     })
 }

@@ -1,41 +1,46 @@
 //! `mlaserve serve`: the all-in-one deployment on one machine, a router plus P worker processes
 //! (one per pipeline stage) on loopback.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use anyhow::{bail, Context};
-use mlaserve_core::ModelConfig;
-use mlaserve_model::DType;
+use mlaserve_core::{ModelConfig, Settings};
+use mlaserve_telemetry::{Role, Telemetry};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use super::demo;
-use super::router::Limits;
-use super::util::{bind, runtime, shutdown_signal};
-use super::worker::DeviceArg;
+use super::router::{router_options, Limits};
+use super::settings::{check_done, load, Global, Overrides};
+use super::util::{bind, runtime, serve_metrics, shutdown_signal};
 
-#[derive(clap::Args, Clone)]
+#[derive(clap::Args, Clone, Default)]
 pub struct Args {
-    /// Checkpoint directory; without it a small random demo model is created and served.
+    /// Checkpoint directory; without it a small random demo model is created and served [serve.model].
     #[arg(long)]
     pub model: Option<PathBuf>,
-    #[arg(long, default_value = "127.0.0.1:50051")]
-    pub listen: SocketAddr,
-    /// Pipeline stages (worker processes); layers are split evenly.
-    #[arg(long, default_value_t = 1)]
-    pub stages: usize,
-    #[arg(long, default_value_t = 1)]
-    pub expert_shards: usize,
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub device: DeviceArg,
-    #[arg(long, default_value = "f32")]
-    pub dtype: DType,
-    #[arg(long, default_value_t = 1024)]
-    pub kv_blocks: usize,
-    #[arg(long, default_value_t = 16)]
-    pub block_size: usize,
+    /// Public gRPC address [serve.listen, default 127.0.0.1:50051].
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Pipeline stages (worker processes); layers are split evenly [serve.stages, default 1].
+    #[arg(long)]
+    pub stages: Option<usize>,
+    /// Expert shards per stage [serve.expert_shards, default 1].
+    #[arg(long)]
+    pub expert_shards: Option<usize>,
+    /// cpu or cuda [serve.device, default cpu].
+    #[arg(long)]
+    pub device: Option<String>,
+    /// auto, f32 or bf16 [serve.dtype, default auto].
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Cache blocks per stage [serve.kv_blocks, default 1024].
+    #[arg(long)]
+    pub kv_blocks: Option<usize>,
+    /// Token slots per block [serve.block_size, default 16].
+    #[arg(long)]
+    pub block_size: Option<usize>,
     #[command(flatten)]
     pub limits: Limits,
 }
@@ -45,32 +50,37 @@ pub fn split_layers(layers: usize, stages: usize) -> Vec<(usize, usize)> {
     (0..stages).map(|i| (i * layers / stages, (i + 1) * layers / stages)).collect()
 }
 
-async fn spawn_worker(a: &Args, model: &std::path::Path, range: (usize, usize), threads: usize) -> anyhow::Result<(Child, String)> {
-    let exe = std::env::current_exe()?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("worker")
-        .arg("--model")
-        .arg(model)
-        .arg("--layers")
-        .arg(format!("{}..{}", range.0, range.1))
-        .arg("--listen")
-        .arg("127.0.0.1:0")
-        .arg("--expert-shards")
-        .arg(a.expert_shards.to_string())
-        .arg("--device")
-        .arg(match a.device {
-            DeviceArg::Cpu => "cpu",
-            DeviceArg::Cuda => "cuda",
-        })
-        .arg("--dtype")
-        .arg(a.dtype.as_str())
-        .arg("--kv-blocks")
-        .arg(a.kv_blocks.to_string())
-        .arg("--block-size")
-        .arg(a.block_size.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true);
+async fn spawn_worker(
+    s: &Settings,
+    g: &Global,
+    model: &Path,
+    range: (usize, usize),
+    threads: usize,
+) -> anyhow::Result<(Child, String)> {
+    let v = &s.serve;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("worker");
+    if let Some(c) = &g.config {
+        cmd.arg("--config").arg(c);
+    }
+    for (flag, value) in [
+        ("--model", model.display().to_string()),
+        ("--layers", format!("{}..{}", range.0, range.1)),
+        ("--listen", "127.0.0.1:0".into()),
+        ("--expert-shards", v.expert_shards.to_string()),
+        ("--device", v.device.clone()),
+        ("--dtype", v.dtype.clone()),
+        ("--kv-blocks", v.kv_blocks.to_string()),
+        ("--block-size", v.block_size.to_string()),
+        ("--log-format", s.telemetry.log_format.clone()),
+        ("--log-level", s.telemetry.log_level.clone()),
+    ] {
+        cmd.arg(flag).arg(value);
+    }
+    if !s.telemetry.otlp_endpoint.is_empty() {
+        cmd.arg("--otlp-endpoint").arg(&s.telemetry.otlp_endpoint);
+    }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true);
     if std::env::var_os("MLASERVE_THREADS").is_none() {
         cmd.env("MLASERVE_THREADS", threads.to_string());
     }
@@ -98,29 +108,49 @@ async fn spawn_worker(a: &Args, model: &std::path::Path, range: (usize, usize), 
     Ok((child, addr))
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
-    let model = match &a.model {
-        Some(m) => m.clone(),
-        None => demo::ensure_demo_model()?,
-    };
-    let config = ModelConfig::from_dir(&model)?;
-    if a.stages == 0 || a.stages > config.num_hidden_layers {
-        bail!("--stages must be between 1 and the model's {} layers", config.num_hidden_layers);
+pub fn run(a: Args, g: &Global) -> anyhow::Result<()> {
+    let mut o = Overrides::default();
+    o.set("serve.model", a.model.as_ref().map(|p| p.display().to_string()));
+    o.set("serve.listen", a.listen.clone());
+    o.set_num("serve.stages", a.stages);
+    o.set_num("serve.expert_shards", a.expert_shards);
+    o.set("serve.device", a.device.clone());
+    o.set("serve.dtype", a.dtype.clone());
+    o.set_num("serve.kv_blocks", a.kv_blocks);
+    o.set_num("serve.block_size", a.block_size);
+    a.limits.apply(&mut o);
+    let s = load(g, o)?;
+    if check_done(g, &s, "serve") {
+        return Ok(());
     }
-    let threads = (std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) / a.stages).max(1);
+    let model =
+        if s.serve.model.is_empty() { demo::ensure_demo_model()? } else { PathBuf::from(&s.serve.model) };
+    let config = ModelConfig::from_dir(&model)?;
+    let stages = s.serve.stages;
+    if stages > config.num_hidden_layers {
+        bail!("`serve.stages` ({stages}) exceeds the model's {} layers", config.num_hidden_layers);
+    }
+    let threads = (std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) / stages).max(1);
+    let listen = s.serve.listen.parse()?;
     runtime()?.block_on(async move {
+        let telemetry = Telemetry::init(&s.telemetry, Role::Router)?;
+        serve_metrics(&s.router.metrics_listen, &telemetry).await?;
         let mut children = Vec::new();
         let mut addrs = Vec::new();
-        for range in split_layers(config.num_hidden_layers, a.stages) {
-            let (child, addr) = spawn_worker(&a, &model, range, threads).await?;
+        for range in split_layers(config.num_hidden_layers, stages) {
+            let (child, addr) = spawn_worker(&s, g, &model, range, threads).await?;
             eprintln!("mlaserve: stage layers {}..{} on {addr}", range.0, range.1);
             children.push(child);
             addrs.push(addr);
         }
-        let opts = a.limits.options(addrs, &model);
-        let listener = bind(a.listen, "router").await?;
-        eprintln!("mlaserve: serving {} on {} (mlaserve.v1.Generation)", model.display(), listener.local_addr()?);
-        let result = mlaserve_router::serve(&model, opts, listener, shutdown_signal()).await;
+        let opts = router_options(&s, addrs, &model);
+        let listener = bind(listen, "router").await?;
+        eprintln!(
+            "mlaserve: serving {} on {} (mlaserve.v1.Generation)",
+            model.display(),
+            listener.local_addr()?
+        );
+        let result = mlaserve_router::serve(&model, opts, listener, &telemetry, shutdown_signal()).await;
         for mut c in children {
             if let Some(pid) = c.id() {
                 // SAFETY: plain signal delivery to our own child.
@@ -129,6 +159,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), c.wait()).await;
             let _ = c.kill().await;
         }
+        telemetry.shutdown();
         result?;
         Ok(())
     })

@@ -1,5 +1,4 @@
 use std::net::SocketAddr;
-use std::ops::Range;
 use std::str::FromStr;
 
 use anyhow::{bail, Context};
@@ -17,15 +16,14 @@ pub fn parse_ids(s: &str) -> anyhow::Result<Vec<u32>> {
     Ok(ids)
 }
 
-/// Parses a layer range "START..END".
-pub fn parse_layers(s: &str) -> Result<Range<usize>, String> {
-    let (a, b) = s.split_once("..").ok_or_else(|| format!("expected START..END, got {s:?}"))?;
-    let start: usize = a.trim().parse().map_err(|_| format!("bad layer start {a:?}"))?;
-    let end: usize = b.trim().parse().map_err(|_| format!("bad layer end {b:?}"))?;
-    if start >= end {
-        return Err(format!("empty layer range {s:?}"));
+/// Starts the Prometheus endpoint when `addr` is set; prints `MLASERVE_METRICS <addr>` on stdout.
+pub async fn serve_metrics(addr: &str, t: &mlaserve_telemetry::Telemetry) -> anyhow::Result<()> {
+    if addr.is_empty() {
+        return Ok(());
     }
-    Ok(start..end)
+    let local = mlaserve_telemetry::metrics_http::serve_metrics(addr.parse()?, t.registry()).await?;
+    println!("MLASERVE_METRICS {local}");
+    Ok(())
 }
 
 /// Binds a TCP listener and prints the bound address (useful with port 0) on stdout.

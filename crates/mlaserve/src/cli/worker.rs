@@ -1,69 +1,86 @@
-use std::net::SocketAddr;
-use std::ops::Range;
 use std::path::PathBuf;
 
-use mlaserve_model::DType;
+use mlaserve_core::settings::parse_layers;
+use mlaserve_telemetry::{Role, Telemetry};
 use mlaserve_worker::{DeviceKind, WorkerOptions};
 
-use super::util::{bind, parse_layers, runtime, shutdown_signal};
+use super::settings::{check_done, load, required, resolve_dtype, Global, Overrides};
+use super::util::{bind, runtime, serve_metrics, shutdown_signal};
 
-#[derive(clap::Args, Clone)]
+#[derive(clap::Args, Clone, Default)]
 pub struct Args {
-    /// Checkpoint directory.
+    /// Checkpoint directory [worker.model].
     #[arg(long)]
-    pub model: PathBuf,
-    /// Decoder layers this stage holds, START..END (END exclusive).
-    #[arg(long, value_parser = parse_layers)]
-    pub layers: Range<usize>,
-    #[arg(long, default_value = "0.0.0.0:50061")]
-    pub listen: SocketAddr,
-    /// Devices (shards) the routed experts are split over.
-    #[arg(long, default_value_t = 1)]
-    pub expert_shards: usize,
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub device: DeviceArg,
-    #[arg(long, default_value = "f32")]
-    pub dtype: DType,
-    /// Blocks in this stage's latent cache.
-    #[arg(long, default_value_t = 1024)]
-    pub kv_blocks: usize,
-    /// Token slots per cache block.
-    #[arg(long, default_value_t = 16)]
-    pub block_size: usize,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-pub enum DeviceArg {
-    Cpu,
-    Cuda,
+    pub model: Option<PathBuf>,
+    /// Decoder layers this stage holds, START..END, END exclusive [worker.layers].
+    #[arg(long)]
+    pub layers: Option<String>,
+    /// Internal gRPC address [worker.listen, default 0.0.0.0:50061].
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Devices (shards) the routed experts are split over [worker.expert_shards, default 1].
+    #[arg(long)]
+    pub expert_shards: Option<usize>,
+    /// cpu or cuda [worker.device, default cpu].
+    #[arg(long)]
+    pub device: Option<String>,
+    /// auto, f32 or bf16 [worker.dtype, default auto: bf16 on cuda, f32 on cpu].
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Blocks in this stage's latent cache [worker.kv_blocks, default 1024].
+    #[arg(long)]
+    pub kv_blocks: Option<usize>,
+    /// Token slots per cache block [worker.block_size, default 16].
+    #[arg(long)]
+    pub block_size: Option<usize>,
+    /// Prometheus /metrics address [worker.metrics_listen, default off].
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
 }
 
 impl Args {
-    pub fn options(&self) -> WorkerOptions {
-        WorkerOptions {
-            model_dir: self.model.clone(),
-            layers: self.layers.clone(),
-            listen: self.listen,
-            expert_shards: self.expert_shards,
-            device: match self.device {
-                DeviceArg::Cpu => DeviceKind::Cpu,
-                DeviceArg::Cuda => DeviceKind::Cuda,
-            },
-            dtype: self.dtype,
-            kv_blocks: self.kv_blocks,
-            block_size: self.block_size,
-        }
+    pub fn overrides(&self) -> Overrides {
+        let mut o = Overrides::default();
+        o.set("worker.model", self.model.as_ref().map(|p| p.display().to_string()));
+        o.set("worker.layers", self.layers.clone());
+        o.set("worker.listen", self.listen.clone());
+        o.set_num("worker.expert_shards", self.expert_shards);
+        o.set("worker.device", self.device.clone());
+        o.set("worker.dtype", self.dtype.clone());
+        o.set_num("worker.kv_blocks", self.kv_blocks);
+        o.set_num("worker.block_size", self.block_size);
+        o.set("worker.metrics_listen", self.metrics_listen.clone());
+        o
     }
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
-    if a.expert_shards == 0 || a.kv_blocks == 0 || a.block_size == 0 {
-        anyhow::bail!("--expert-shards, --kv-blocks and --block-size must be positive");
+pub fn run(a: Args, g: &Global) -> anyhow::Result<()> {
+    let s = load(g, a.overrides())?;
+    let w = &s.worker;
+    let model = PathBuf::from(required(&w.model, "worker.model", "--model")?);
+    let layers =
+        parse_layers(required(&w.layers, "worker.layers", "--layers")?).map_err(anyhow::Error::msg)?;
+    if check_done(g, &s, "worker") {
+        return Ok(());
     }
-    let opts = a.options();
+    let opts = WorkerOptions {
+        model_dir: model,
+        layers: layers.clone(),
+        listen: w.listen.parse()?,
+        expert_shards: w.expert_shards,
+        device: if w.device == "cuda" { DeviceKind::Cuda } else { DeviceKind::Cpu },
+        dtype: resolve_dtype(&w.dtype, &w.device),
+        kv_blocks: w.kv_blocks,
+        block_size: w.block_size,
+    };
+    let metrics_listen = w.metrics_listen.clone();
     runtime()?.block_on(async move {
+        let telemetry =
+            Telemetry::init(&s.telemetry, Role::Worker { layer_start: layers.start, layer_end: layers.end })?;
+        serve_metrics(&metrics_listen, &telemetry).await?;
         let listener = bind(opts.listen, "worker").await?;
-        mlaserve_worker::serve(opts, listener, shutdown_signal()).await?;
+        mlaserve_worker::serve(opts, listener, Some(&telemetry), shutdown_signal()).await?;
+        telemetry.shutdown();
         Ok(())
     })
 }

@@ -1,0 +1,74 @@
+//! Flags shared by the serving roles, and the merge of defaults < config file < environment < flags.
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+use config::Value;
+use mlaserve_core::Settings;
+
+#[derive(clap::Args, Clone, Default)]
+pub struct Global {
+    /// TOML configuration file (see `mlaserve config` for every key and its default).
+    #[arg(long, global = true, env = "MLASERVE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Parse flags and configuration, print the effective settings and exit without serving.
+    #[arg(long, global = true)]
+    pub check: bool,
+    /// OTLP/gRPC endpoint for traces and metrics (also OTEL_EXPORTER_OTLP_ENDPOINT).
+    #[arg(long, global = true)]
+    pub otlp_endpoint: Option<String>,
+    /// Log format: text or json.
+    #[arg(long, global = true)]
+    pub log_format: Option<String>,
+    /// Log filter such as "info" or "warn,mlaserve=debug" (RUST_LOG wins when set).
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
+}
+
+/// Explicit flags, as configuration keys.
+#[derive(Default)]
+pub struct Overrides(Vec<(String, Value)>);
+
+impl Overrides {
+    pub fn set<T: Into<Value>>(&mut self, key: &str, v: Option<T>) {
+        if let Some(v) = v {
+            self.0.push((key.to_string(), v.into()));
+        }
+    }
+
+    pub fn set_num(&mut self, key: &str, v: Option<usize>) {
+        self.set(key, v.map(|n| n as u64));
+    }
+}
+
+pub fn load(g: &Global, mut ov: Overrides) -> anyhow::Result<Settings> {
+    ov.set("telemetry.otlp_endpoint", g.otlp_endpoint.clone());
+    ov.set("telemetry.log_format", g.log_format.clone());
+    ov.set("telemetry.log_level", g.log_level.clone());
+    Ok(Settings::load(g.config.as_deref(), std::env::vars(), &ov.0)?)
+}
+
+/// A required string setting: fails naming the key and the three ways to set it.
+pub fn required<'a>(value: &'a str, key: &str, flag: &str) -> anyhow::Result<&'a str> {
+    if value.trim().is_empty() {
+        let env = format!("MLASERVE_{}", key.replace('.', "__").to_uppercase());
+        bail!("`{key}` is required: pass {flag}, set it in the config file, or set {env}");
+    }
+    Ok(value)
+}
+
+/// "auto" means bf16 on GPUs and f32 on CPUs (where libtorch's bf16 matmuls are slow).
+pub fn resolve_dtype(dtype: &str, device: &str) -> mlaserve_model::DType {
+    match (dtype, device) {
+        ("auto", "cuda") | ("bf16", _) => mlaserve_model::DType::BF16,
+        _ => mlaserve_model::DType::F32,
+    }
+}
+
+/// With `--check`: print what would run and stop.
+pub fn check_done(g: &Global, s: &Settings, role: &str) -> bool {
+    if g.check {
+        println!("# mlaserve {role}: configuration OK\n{}", s.to_toml());
+    }
+    g.check
+}
