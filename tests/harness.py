@@ -54,13 +54,16 @@ class Proc:
         self.stderr_lines = []
         threading.Thread(target=self._drain_stderr, daemon=True).start()
         self.addr = None
+        self.metrics_addr = None
         deadline = time.time() + timeout
         while time.time() < deadline:
             line = self.p.stdout.readline()
             if not line:
                 raise RuntimeError(f"{' '.join(self.args)} exited early:\n{self.stderr()}")
+            parts = line.split()
+            if line.startswith("MLASERVE_METRICS"):
+                self.metrics_addr = parts[1]
             if line.startswith("MLASERVE_LISTENING"):
-                parts = line.split()
                 if role is None or parts[1] == role:
                     self.addr = parts[2]
                     break
