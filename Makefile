@@ -42,9 +42,10 @@ test: build
 	cargo test --release --locked --workspace
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
+# Serves the demo model (random weights, built on first use) on 127.0.0.1:50051; try it with
+#   target/release/mlaserve chat "Hello"
 run: build
-	$(BIN) generate --model "$$($(PY) tests/reference/ds3_checkpoint.py --preset tiny --out $(CACHE)/demo-tiny)" \
-		--ids 0,5,7,11 --max-new-tokens 16 --json
+	$(BIN) serve $(ARGS)
 
 check-fmt:
 	cargo fmt --all -- --check

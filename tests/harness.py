@@ -17,20 +17,25 @@ from conftest import BIN, CACHE, ROOT
 
 PROTO_DIR = ROOT / "proto"
 PROTOS = ["mlaserve/v1/generation.proto", "mlaserve/internal/v1/stage.proto"]
+TEST_PROTO_DIR = ROOT / "tests" / "protos"
+TEST_PROTOS = ["health_check/health.proto"]  # package grpc.health.v1; module path avoids grpcio's `grpc`
 
 
 def _stubs_dir() -> Path:
     h = hashlib.sha256()
     for p in PROTOS:
         h.update((PROTO_DIR / p).read_bytes())
+    for p in TEST_PROTOS:
+        h.update((TEST_PROTO_DIR / p).read_bytes())
     out = CACHE / "pystubs" / h.hexdigest()[:12]
     if not (out / ".done").exists():
         out.mkdir(parents=True, exist_ok=True)
         from grpc_tools import protoc
 
-        args = ["protoc", f"-I{PROTO_DIR}", f"--python_out={out}", f"--grpc_python_out={out}", *PROTOS]
-        if protoc.main(args) != 0:
-            raise RuntimeError("grpc_tools.protoc failed")
+        for inc, files in ((PROTO_DIR, PROTOS), (TEST_PROTO_DIR, TEST_PROTOS)):
+            args = ["protoc", f"-I{inc}", f"--python_out={out}", f"--grpc_python_out={out}", *files]
+            if protoc.main(args) != 0:
+                raise RuntimeError("grpc_tools.protoc failed")
         (out / ".done").write_text("ok")
     return out
 
@@ -40,6 +45,8 @@ pb = importlib.import_module("mlaserve.v1.generation_pb2")
 pb_grpc = importlib.import_module("mlaserve.v1.generation_pb2_grpc")
 stage_pb = importlib.import_module("mlaserve.internal.v1.stage_pb2")
 stage_grpc = importlib.import_module("mlaserve.internal.v1.stage_pb2_grpc")
+health_pb = importlib.import_module("health_check.health_pb2")
+health_grpc = importlib.import_module("health_check.health_pb2_grpc")
 
 
 class Proc:

@@ -2,6 +2,7 @@
 //! request validation and continuous batching with a paged latent-cache allocator, driving the
 //! pipeline stages over the internal protocol.
 
+pub mod auth;
 pub mod chat_template;
 pub mod detokenize;
 pub mod options;

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use mlaserve_proto::transport::ClientTls;
+
 #[derive(Debug, Clone)]
 pub struct RouterOptions {
     /// Stage addresses in layer order.
@@ -31,6 +33,12 @@ pub struct RouterOptions {
     /// After SIGTERM: how long in-flight streams may take to finish.
     pub drain_timeout: Duration,
     pub model_id: String,
+    /// TLS for the connections to the stages (mutual TLS with a client identity).
+    pub stage_tls: ClientTls,
+    /// TLS on the public port.
+    pub server_tls: Option<tonic::transport::ServerTlsConfig>,
+    /// Bearer token required on the public API (health and reflection stay open).
+    pub auth_token: Option<String>,
 }
 
 impl Default for RouterOptions {
@@ -51,6 +59,9 @@ impl Default for RouterOptions {
             reconnect_interval: Duration::from_millis(500),
             drain_timeout: Duration::from_secs(30),
             model_id: "mlaserve".into(),
+            stage_tls: ClientTls::default(),
+            server_tls: None,
+            auth_token: None,
         }
     }
 }

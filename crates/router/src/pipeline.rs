@@ -9,10 +9,10 @@ use mlaserve_proto::internal::v1::stage_client::StageClient;
 use mlaserve_proto::internal::v1::{
     stage_message, Connect, Hop, InfoRequest, StageInfo, StageMessage, StepResult,
 };
+use mlaserve_proto::transport::{connect, ClientTls};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
-use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
 /// A stage as discovered.
@@ -29,31 +29,11 @@ pub struct CacheGeometry {
     pub block_size: usize,
 }
 
-fn uri(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
-}
-
-pub async fn channel(addr: &str, timeout: Duration) -> Result<Channel, Status> {
-    Endpoint::from_shared(uri(addr))
-        .map_err(|e| Status::invalid_argument(format!("bad stage address {addr:?}: {e}")))?
-        .connect_timeout(timeout)
-        .timeout(Duration::from_secs(30))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(2))
-        .keep_alive_timeout(Duration::from_secs(3))
-        .connect()
-        .await
-        .map_err(|e| Status::unavailable(format!("cannot reach stage {addr}: {e}")))
-}
-
 /// Asks every stage what it holds and checks that together they serve `config`.
 pub async fn discover(
     addrs: &[String],
     config: &ModelConfig,
+    tls: &ClientTls,
     timeout: Duration,
 ) -> Result<(Vec<StageEndpoint>, CacheGeometry), Status> {
     if addrs.is_empty() {
@@ -61,7 +41,7 @@ pub async fn discover(
     }
     let mut stages = Vec::with_capacity(addrs.len());
     for a in addrs {
-        let ch = channel(a, timeout).await?;
+        let ch = connect(a, tls, timeout).await?;
         let info = StageClient::new(ch)
             .info(InfoRequest {})
             .await
@@ -123,12 +103,13 @@ impl Pipeline {
     pub async fn open(
         stages: &[StageEndpoint],
         session_id: &str,
+        tls: &ClientTls,
         timeout: Duration,
         events: mpsc::Sender<(u64, PipelineEvent)>,
         epoch: u64,
     ) -> Result<Pipeline, Status> {
         let first = &stages[0];
-        let ch = channel(&first.address, timeout).await?;
+        let ch = connect(&first.address, tls, timeout).await?;
         let mut client =
             StageClient::new(ch).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
         let (tx, rx) = mpsc::channel(64);

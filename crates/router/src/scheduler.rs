@@ -9,7 +9,7 @@
 //! them.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -56,9 +56,9 @@ pub struct Snapshot {
 #[derive(Clone)]
 pub struct SchedulerHandle {
     tx: mpsc::Sender<Command>,
+    health: tokio::sync::watch::Receiver<bool>,
     max_total_tokens: Arc<AtomicUsize>,
     queued: Arc<AtomicUsize>,
-    healthy: Arc<AtomicBool>,
     last_error: Arc<Mutex<Option<String>>>,
     max_queue: usize,
 }
@@ -67,7 +67,7 @@ impl SchedulerHandle {
     /// Queues a request; its responses arrive on `tx`.
     /// `span` is the request's span: the scheduler keeps it open until the request ends.
     pub fn submit(&self, req: ValidRequest, tx: ResponseTx, span: tracing::Span) -> Result<(), Status> {
-        if !self.healthy.load(Ordering::SeqCst) {
+        if !*self.health.borrow() {
             let why = self.last_error.lock().map(|e| e.clone()).unwrap_or_default();
             return Err(Status::unavailable(format!(
                 "the model pipeline is not available{}",
@@ -97,7 +97,12 @@ impl SchedulerHandle {
     }
 
     pub fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::SeqCst)
+        *self.health.borrow()
+    }
+
+    /// Pipeline health changes (true = connected).
+    pub fn health_changes(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.health.clone()
     }
 
     /// Longest sequence (prompt + generated) the connected pipeline can hold.
@@ -173,7 +178,7 @@ pub struct Scheduler {
     next_step: u64,
     preemptions: u64,
     queued: Arc<AtomicUsize>,
-    healthy: Arc<AtomicBool>,
+    health_tx: tokio::sync::watch::Sender<bool>,
     last_error: Arc<Mutex<Option<String>>>,
     events_tx: mpsc::Sender<(u64, PipelineEvent)>,
     connected_tx: mpsc::Sender<(u64, Vec<StageEndpoint>, CacheGeometry, Pipeline)>,
@@ -197,11 +202,12 @@ impl Scheduler {
         let (cmd_tx, cmd_rx) = mpsc::channel(opts.max_queue.max(16) * 2);
         let (events_tx, events_rx) = mpsc::channel(256);
         let (connected_tx, connected_rx) = mpsc::channel(4);
+        let (health_tx, health_rx) = tokio::sync::watch::channel(false);
         let handle = SchedulerHandle {
             tx: cmd_tx,
+            health: health_rx,
             max_total_tokens: Arc::new(AtomicUsize::new(max_total_tokens)),
             queued: Arc::new(AtomicUsize::new(0)),
-            healthy: Arc::new(AtomicBool::new(false)),
             last_error: Arc::new(Mutex::new(Some("connecting to the pipeline".into()))),
             max_queue: opts.max_queue,
         };
@@ -224,7 +230,7 @@ impl Scheduler {
             next_step: 1,
             preemptions: 0,
             queued: handle.queued.clone(),
-            healthy: handle.healthy.clone(),
+            health_tx,
             last_error: handle.last_error.clone(),
             events_tx,
             connected_tx,
@@ -777,7 +783,7 @@ impl Scheduler {
     fn pipeline_failed(&mut self, status: Status) {
         tracing::error!("pipeline failed: {}", status.message());
         self.pipeline = None;
-        self.healthy.store(false, Ordering::SeqCst);
+        let _ = self.health_tx.send(false);
         if let Ok(mut e) = self.last_error.lock() {
             *e = Some(status.message().to_string());
         }
@@ -813,7 +819,7 @@ impl Scheduler {
         if let Ok(mut e) = self.last_error.lock() {
             *e = None;
         }
-        self.healthy.store(true, Ordering::SeqCst);
+        let _ = self.health_tx.send(true);
     }
 
     fn start_reconnect(&mut self) {
@@ -828,13 +834,14 @@ impl Scheduler {
         let events = self.events_tx.clone();
         let connected = self.connected_tx.clone();
         let last_error = self.last_error.clone();
+        let tls = self.opts.stage_tls.clone();
         tokio::spawn(async move {
             let timeout = Duration::from_secs(5);
             loop {
                 let attempt = async {
-                    let (stages, geometry) = discover(&addrs, &config, timeout).await?;
+                    let (stages, geometry) = discover(&addrs, &config, &tls, timeout).await?;
                     let session = uuid::Uuid::new_v4().to_string();
-                    let p = Pipeline::open(&stages, &session, timeout, events.clone(), epoch).await?;
+                    let p = Pipeline::open(&stages, &session, &tls, timeout, events.clone(), epoch).await?;
                     Ok::<_, Status>((stages, geometry, p))
                 };
                 match attempt.await {

@@ -4,7 +4,6 @@
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use mlaserve_core::ModelConfig;
 use mlaserve_proto::v1::generation_server::GenerationServer;
@@ -12,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
+use crate::auth::{remap_oversize, BearerAuth};
 use crate::options::RouterOptions;
 use crate::scheduler::{Scheduler, SchedulerHandle};
 use crate::service::GenerationService;
@@ -62,13 +62,20 @@ pub async fn serve(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    let auth = BearerAuth::new(opts.auth_token.clone());
     let service = GenerationServer::new(GenerationService { tok, config, opts: opts.clone(), scheduler })
         .max_decoding_message_size(opts.max_request_bytes)
         .max_encoding_message_size(64 << 20);
+    let service = tonic::service::interceptor::InterceptedService::new(service, move |r| auth.check(r));
     let (refl_v1, refl_v1alpha) = mlaserve_proto::reflection_services();
     let mut stopping = stop_rx.clone();
-    let server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    if let Some(tls) = opts.server_tls.clone() {
+        builder =
+            builder.tls_config(tls).map_err(|e| RouterError::Server(format!("TLS configuration: {e}")))?;
+    }
+    let server = builder
+        .layer(tower::util::MapResponseLayer::new(remap_oversize))
         .add_service(health)
         .add_service(refl_v1)
         .add_service(refl_v1alpha)
@@ -93,25 +100,25 @@ pub async fn serve(
     }
 }
 
-/// Mirrors the pipeline's state into grpc.health.v1 (overall and per service).
+/// Mirrors the pipeline's state into grpc.health.v1 (overall and per service), as it changes.
 async fn track_health(
     scheduler: SchedulerHandle,
     reporter: tonic_health::server::HealthReporter,
-    stopping: tokio::sync::watch::Receiver<bool>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut last = None;
+    let mut health = scheduler.health_changes();
     loop {
-        let healthy = scheduler.healthy() && !*stopping.borrow();
-        if last != Some(healthy) {
-            let status = if healthy { ServingStatus::Serving } else { ServingStatus::NotServing };
-            reporter.set_service_status("", status).await;
-            if healthy {
-                reporter.set_serving::<GenerationServer<GenerationService>>().await;
-            } else {
-                reporter.set_not_serving::<GenerationServer<GenerationService>>().await;
-            }
-            last = Some(healthy);
+        let serving = *health.borrow_and_update() && !*stopping.borrow_and_update();
+        let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
+        reporter.set_service_status("", status).await;
+        if serving {
+            reporter.set_serving::<GenerationServer<GenerationService>>().await;
+        } else {
+            reporter.set_not_serving::<GenerationServer<GenerationService>>().await;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::select! {
+            r = health.changed() => if r.is_err() { return },
+            r = stopping.changed() => if r.is_err() { return },
+        }
     }
 }

@@ -33,6 +33,10 @@ pub struct WorkerOptions {
     pub dtype: DType,
     pub kv_blocks: usize,
     pub block_size: usize,
+    /// TLS on this stage's port; with a client CA only callers with a valid certificate get in.
+    pub server_tls: Option<tonic::transport::ServerTlsConfig>,
+    /// TLS towards the next stage.
+    pub downstream_tls: mlaserve_proto::transport::ClientTls,
 }
 
 /// The devices of a stage: the main one (attention, norms, shared experts) and one per expert shard.
@@ -117,12 +121,16 @@ pub async fn serve(
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_not_serving::<StageServer<StageService>>().await;
     let loaded: Arc<OnceLock<(Compute, StageFacts)>> = Arc::new(OnceLock::new());
-    let service = StageServer::new(StageService::new(loaded.clone(), metrics))
+    let service = StageServer::new(StageService::new(loaded.clone(), metrics, opts.downstream_tls.clone()))
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
     let (refl_v1, refl_v1alpha) = mlaserve_proto::reflection_services();
-    let server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    if let Some(tls) = opts.server_tls.clone() {
+        builder =
+            builder.tls_config(tls).map_err(|e| StageError::internal(format!("TLS configuration: {e}")))?;
+    }
+    let server = builder
         .add_service(health)
         .add_service(refl_v1)
         .add_service(refl_v1alpha)

@@ -11,10 +11,10 @@ use mlaserve_proto::internal::v1::{
     stage_message, Connect, Hop, InfoRequest, StageInfo, StageMessage, StageTiming, Step, StepError,
     StepResult,
 };
+use mlaserve_proto::transport::{connect, ClientTls};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
 use mlaserve_telemetry::genai::StageMetrics;
@@ -33,6 +33,7 @@ pub struct StageFacts {
 pub struct StageService {
     loaded: Arc<OnceLock<(Compute, StageFacts)>>,
     metrics: Option<StageMetrics>,
+    downstream_tls: ClientTls,
     session: Arc<AtomicU64>,
     connect_timeout: Duration,
 }
@@ -41,10 +42,15 @@ pub struct StageService {
 const STREAM_BUFFER: usize = 64;
 
 impl StageService {
-    pub fn new(loaded: Arc<OnceLock<(Compute, StageFacts)>>, metrics: Option<StageMetrics>) -> Self {
+    pub fn new(
+        loaded: Arc<OnceLock<(Compute, StageFacts)>>,
+        metrics: Option<StageMetrics>,
+        downstream_tls: ClientTls,
+    ) -> Self {
         StageService {
             loaded,
             metrics,
+            downstream_tls,
             session: Arc::new(AtomicU64::new(0)),
             connect_timeout: Duration::from_secs(10),
         }
@@ -71,20 +77,13 @@ async fn connect_downstream(
     hop: &Hop,
     rest: &[Hop],
     session_id: &str,
+    tls: &ClientTls,
     timeout: Duration,
 ) -> Result<(mpsc::Sender<StageMessage>, Streaming<StepResult>), Status> {
     let addr = hop.address.as_str();
-    let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    let endpoint = Endpoint::from_shared(uri)
-        .map_err(|e| Status::invalid_argument(format!("bad stage address {addr:?}: {e}")))?
-        .connect_timeout(timeout)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5));
-    let channel: Channel = endpoint
-        .connect()
+    let channel = connect(addr, tls, timeout)
         .await
-        .map_err(|e| Status::unavailable(format!("cannot reach next stage {addr}: {e}")))?;
+        .map_err(|e| Status::unavailable(format!("cannot reach next stage {addr}: {}", e.message())))?;
     let mut client =
         StageClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
@@ -145,9 +144,16 @@ impl Stage for StageService {
 
         let (up_tx, up_rx) = mpsc::channel::<Result<StepResult, Status>>(STREAM_BUFFER);
         let downstream = match connect.downstream.split_first() {
-            Some((next, rest)) => {
-                Some(connect_downstream(next, rest, &connect.session_id, self.connect_timeout).await?)
-            }
+            Some((next, rest)) => Some(
+                connect_downstream(
+                    next,
+                    rest,
+                    &connect.session_id,
+                    &self.downstream_tls,
+                    self.connect_timeout,
+                )
+                .await?,
+            ),
             None => None,
         };
         let layers = (info.layer_start, info.layer_end);

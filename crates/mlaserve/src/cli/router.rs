@@ -5,7 +5,7 @@ use mlaserve_core::Settings;
 use mlaserve_router::RouterOptions;
 use mlaserve_telemetry::{Role, Telemetry};
 
-use super::settings::{check_done, load, required, Global, Overrides};
+use super::settings::{auth_token, check_done, load, required, server_tls, stage_tls, Global, Overrides};
 use super::util::{bind, runtime, serve_metrics, shutdown_signal};
 
 #[derive(clap::Args, Clone, Default)]
@@ -70,14 +70,14 @@ impl Limits {
 }
 
 /// Router options from settings, for `model` served by `stages`.
-pub fn router_options(s: &Settings, stages: Vec<String>, model: &Path) -> RouterOptions {
+pub fn router_options(s: &Settings, stages: Vec<String>, model: &Path) -> anyhow::Result<RouterOptions> {
     let r = &s.router;
     let model_id = if r.model_id.is_empty() {
         model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "mlaserve".into())
     } else {
         r.model_id.clone()
     };
-    RouterOptions {
+    Ok(RouterOptions {
         stages,
         max_batch_tokens: r.max_batch_tokens,
         max_running: r.max_running,
@@ -90,8 +90,11 @@ pub fn router_options(s: &Settings, stages: Vec<String>, model: &Path) -> Router
         max_request_bytes: r.max_request_bytes,
         drain_timeout: Duration::from_secs(r.drain_timeout_secs),
         model_id,
+        stage_tls: stage_tls(s)?,
+        server_tls: server_tls(s)?,
+        auth_token: auth_token(s)?,
         ..RouterOptions::default()
-    }
+    })
 }
 
 pub fn run(a: Args, g: &Global) -> anyhow::Result<()> {
@@ -110,7 +113,7 @@ pub fn run(a: Args, g: &Global) -> anyhow::Result<()> {
     if check_done(g, &s, "router") {
         return Ok(());
     }
-    let opts = router_options(&s, s.router.stages.clone(), &model);
+    let opts = router_options(&s, s.router.stages.clone(), &model)?;
     let listen = s.router.listen.parse()?;
     runtime()?.block_on(async move {
         let telemetry = Telemetry::init(&s.telemetry, Role::Router)?;

@@ -143,7 +143,7 @@ pub fn run(a: Args, g: &Global) -> anyhow::Result<()> {
             children.push(child);
             addrs.push(addr);
         }
-        let opts = router_options(&s, addrs, &model);
+        let opts = router_options(&s, addrs, &model)?;
         let listener = bind(listen, "router").await?;
         eprintln!(
             "mlaserve: serving {} on {} (mlaserve.v1.Generation)",

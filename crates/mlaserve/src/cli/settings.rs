@@ -72,3 +72,40 @@ pub fn check_done(g: &Global, s: &Settings, role: &str) -> bool {
     }
     g.check
 }
+
+/// Client TLS towards stages (router and workers alike).
+pub fn stage_tls(s: &Settings) -> anyhow::Result<mlaserve_proto::transport::ClientTls> {
+    let c = &s.security;
+    mlaserve_proto::transport::ClientTls::from_files(
+        &c.stage_ca,
+        &c.stage_client_cert,
+        &c.stage_client_key,
+        &c.stage_server_name,
+    )
+    .map_err(|e| anyhow::anyhow!("security: {e}"))
+}
+
+/// Server TLS of this process (public port of the router, internal port of a worker).
+pub fn server_tls(s: &Settings) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+    let c = &s.security;
+    mlaserve_proto::transport::server_tls(&c.tls_cert, &c.tls_key, &c.tls_client_ca)
+        .map_err(|e| anyhow::anyhow!("security: {e}"))
+}
+
+/// The public API's bearer token: `security.auth_token_file`, else the variable named by
+/// `security.auth_token_env` (default MLASERVE_AUTH_TOKEN); None = no authentication.
+pub fn auth_token(s: &Settings) -> anyhow::Result<Option<String>> {
+    let c = &s.security;
+    let token = if !c.auth_token_file.is_empty() {
+        let t = std::fs::read_to_string(&c.auth_token_file)
+            .map_err(|e| anyhow::anyhow!("`security.auth_token_file` {}: {e}", c.auth_token_file))?;
+        Some(t)
+    } else {
+        let var = if c.auth_token_env.is_empty() { "MLASERVE_AUTH_TOKEN" } else { c.auth_token_env.as_str() };
+        std::env::var(var).ok()
+    };
+    match token.map(|t| t.trim().to_string()) {
+        Some(t) if t.is_empty() => bail!("the configured bearer token is empty"),
+        other => Ok(other),
+    }
+}

@@ -4,7 +4,7 @@ use mlaserve_core::settings::parse_layers;
 use mlaserve_telemetry::{Role, Telemetry};
 use mlaserve_worker::{DeviceKind, WorkerOptions};
 
-use super::settings::{check_done, load, required, resolve_dtype, Global, Overrides};
+use super::settings::{check_done, load, required, resolve_dtype, server_tls, stage_tls, Global, Overrides};
 use super::util::{bind, runtime, serve_metrics, shutdown_signal};
 
 #[derive(clap::Args, Clone, Default)]
@@ -72,6 +72,8 @@ pub fn run(a: Args, g: &Global) -> anyhow::Result<()> {
         dtype: resolve_dtype(&w.dtype, &w.device),
         kv_blocks: w.kv_blocks,
         block_size: w.block_size,
+        server_tls: server_tls(&s)?,
+        downstream_tls: stage_tls(&s)?,
     };
     let metrics_listen = w.metrics_listen.clone();
     runtime()?.block_on(async move {

@@ -1,0 +1,79 @@
+//! gRPC transport shared by the router and the workers: channels to stages (optionally mutual TLS)
+//! and server TLS, from PEM files named in the `security` settings.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use tonic::Status;
+
+/// Client side of router→worker and worker→worker links.
+#[derive(Debug, Clone, Default)]
+pub struct ClientTls {
+    /// PEM CA the servers' certificates must chain to; None = plaintext.
+    pub ca: Option<Vec<u8>>,
+    /// This client's certificate and key (mutual TLS).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// Server name to verify; None = the host part of each address.
+    pub server_name: Option<String>,
+}
+
+fn read(path: &str, what: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(Path::new(path)).map_err(|e| format!("cannot read {what} {path}: {e}"))
+}
+
+impl ClientTls {
+    /// From file paths; empty strings mean "not set".
+    pub fn from_files(ca: &str, cert: &str, key: &str, server_name: &str) -> Result<Self, String> {
+        Ok(ClientTls {
+            ca: if ca.is_empty() { None } else { Some(read(ca, "stage CA")?) },
+            identity: if cert.is_empty() {
+                None
+            } else {
+                Some((read(cert, "client certificate")?, read(key, "client key")?))
+            },
+            server_name: (!server_name.is_empty()).then(|| server_name.to_string()),
+        })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.ca.is_some()
+    }
+}
+
+/// A connected channel to `addr` ("host:port" or a URL) with keepalives that detect dead peers fast.
+pub async fn connect(addr: &str, tls: &ClientTls, connect_timeout: Duration) -> Result<Channel, Status> {
+    let scheme = if tls.enabled() { "https" } else { "http" };
+    let uri = if addr.contains("://") { addr.to_string() } else { format!("{scheme}://{addr}") };
+    let mut ep = Endpoint::from_shared(uri)
+        .map_err(|e| Status::invalid_argument(format!("bad stage address {addr:?}: {e}")))?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(2))
+        .keep_alive_timeout(Duration::from_secs(3))
+        .keep_alive_while_idle(true);
+    if let Some(ca) = &tls.ca {
+        let host = addr.split("://").last().unwrap_or(addr).rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
+        let mut cfg = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name(
+            tls.server_name.clone().unwrap_or_else(|| host.trim_matches(['[', ']']).to_string()),
+        );
+        if let Some((cert, key)) = &tls.identity {
+            cfg = cfg.identity(Identity::from_pem(cert, key));
+        }
+        ep = ep.tls_config(cfg).map_err(|e| Status::internal(format!("TLS configuration: {e}")))?;
+    }
+    ep.connect().await.map_err(|e| Status::unavailable(format!("cannot reach stage {addr}: {e}")))
+}
+
+/// Server TLS from PEM files; with `client_ca` clients must present a certificate chaining to it.
+pub fn server_tls(cert: &str, key: &str, client_ca: &str) -> Result<Option<ServerTlsConfig>, String> {
+    if cert.is_empty() {
+        return Ok(None);
+    }
+    let mut cfg =
+        ServerTlsConfig::new().identity(Identity::from_pem(read(cert, "certificate")?, read(key, "key")?));
+    if !client_ca.is_empty() {
+        cfg = cfg.client_ca_root(Certificate::from_pem(read(client_ca, "client CA")?));
+    }
+    Ok(Some(cfg))
+}
