@@ -5,11 +5,12 @@
 //! into the output so the cache is never expanded; long prefill chunks choose per sequence between the
 //! absorbed form and expanding their context once, whichever costs fewer multiply-adds.
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::batch::{BatchedGroup, SoloSeq, StepPlan};
 use crate::error::Result;
-use crate::linear::Linear;
+use crate::kernels;
+use crate::linear::{forward_weight, Linear};
 use crate::loader::LoadCtx;
 use crate::norm::RmsNorm;
 use crate::rope::{self, permute_rope_rows};
@@ -23,8 +24,9 @@ pub struct Mla {
     q: QProj,
     kv_a: Linear,
     kv_norm: RmsNorm,
-    /// `W_UK` `[h, dn, rkv]` and `W_UV` `[h, dv, rkv]`, the two halves of kv_b_proj.
-    w_uk: Tensor,
+    /// `W_UKᵀ` `[h, rkv, dn]` and `W_UV` `[h, dv, rkv]`: the two halves of kv_b_proj, each laid out
+    /// `[out, in]` for the product it takes part in (query absorption, output absorption).
+    w_uk_t: Tensor,
     w_uv: Tensor,
     o: Linear,
     h: i64,
@@ -77,7 +79,7 @@ impl Mla {
             q,
             kv_a: Linear::new(kv_a),
             kv_norm: ctx.norm(&format!("{prefix}.kv_a_layernorm.weight"), rkv)?,
-            w_uk: kv_b.narrow(1, 0, dn as i64).contiguous(),
+            w_uk_t: kv_b.narrow(1, 0, dn as i64).transpose(1, 2).contiguous(),
             w_uv: kv_b.narrow(1, dn as i64, dv as i64).contiguous(),
             o: Linear::new(ctx.weight(&format!("{prefix}.o_proj.weight"), &[hid, h * dv])?),
             h: h as i64,
@@ -110,7 +112,7 @@ impl Mla {
             cache.index_copy_(0, &plan.write_slots, &Tensor::cat(&[latent, k_pe], 1).to_kind(cache.kind()));
 
         let out = match &plan.batched {
-            Some(g) if g.q_rows.is_none() => self.attend_batched(g, &q_nope, &q_pe, cache),
+            Some(g) if g.q_rows.is_none() => self.attend_batched(g, &q_nope, &q_pe, cache).to_kind(x.kind()),
             _ => {
                 let mut out = x.new_zeros([t, self.h, self.dv], (x.kind(), x.device()));
                 if let Some(g) = &plan.batched {
@@ -139,41 +141,66 @@ impl Mla {
         self.o.forward(&out.reshape([t, self.h * self.dv]))
     }
 
+    /// The precision the score/softmax/value products are computed in: f32 on the CPU (libtorch's
+    /// CPU bf16 batched products are several times slower), the activation dtype elsewhere. Results
+    /// are rounded to the activation dtype after each product (see [`round_to`]) so that bf16 runs
+    /// keep bf16 numerics wherever they compute.
+    fn core_kind(&self, kind: Kind) -> Kind {
+        if self.w_uv.device() == Device::Cpu {
+            Kind::Float
+        } else {
+            kind
+        }
+    }
+
+    /// Per-head `x[:, h, :] · w[h]ᵀ` for `x [n, h, in]`, `w [h, out, in]`: `[n, h, out]`.
+    fn per_head(&self, x: &Tensor, w: &Tensor) -> Tensor {
+        let xh = x.transpose(0, 1).contiguous();
+        if kernels::use_for(&xh.get(0), &w.get(0)) {
+            let heads: Vec<(Tensor, Tensor)> = (0..self.h).map(|i| (xh.get(i), w.get(i))).collect();
+            let pairs: Vec<(&Tensor, &Tensor)> = heads.iter().map(|(a, b)| (a, b)).collect();
+            return Tensor::stack(&kernels::grouped_linear(&pairs), 1);
+        }
+        let w = if w.device() == Device::Cpu { w.to_kind(xh.kind()) } else { w.shallow_clone() };
+        xh.bmm(&w.transpose(1, 2)).transpose(0, 1)
+    }
+
     /// `q_nope [n, h, dn]` folded through `W_UK` into latent space, joined with `q_pe`: `[n, h, rkv+dr]`.
     fn absorb_query(&self, q_nope: &Tensor, q_pe: &Tensor) -> Tensor {
-        let q_abs = q_nope.transpose(0, 1).bmm(&self.w_uk).transpose(0, 1);
-        Tensor::cat(&[q_abs, q_pe.shallow_clone()], 2)
+        let act = q_nope.kind();
+        let core = self.core_kind(act);
+        let q_abs = round_to(self.per_head(&q_nope.to_kind(core), &self.w_uk_t), act);
+        Tensor::cat(&[q_abs, q_pe.to_kind(core)], 2)
     }
 
     /// Latent attention output `o_lat [n, h, rkv]` mapped through `W_UV`: `[n, h, dv]`.
     fn absorb_output(&self, o_lat: &Tensor) -> Tensor {
-        o_lat.transpose(0, 1).bmm(&self.w_uv.transpose(1, 2)).transpose(0, 1)
+        self.per_head(o_lat, &self.w_uv)
     }
 
     /// Padded batch in absorbed form; returns `[b * s_max, h, dv]` in padded-slot order.
     fn attend_batched(&self, g: &BatchedGroup, q_nope: &Tensor, q_pe: &Tensor, cache: &Tensor) -> Tensor {
+        let act = q_nope.kind();
+        // qc comes in the core precision (absorb_query).
         let qc = self.absorb_query(q_nope, q_pe).reshape([g.b, g.s_max * self.h, self.rkv + self.dr]);
         let ctx = cache
             .index_select(0, &g.ctx_slots.view([-1]))
             .view([g.b, g.t_max, self.rkv + self.dr])
             .to_kind(qc.kind());
-        let scores = (qc.bmm(&ctx.transpose(1, 2)) * self.scale)
+        let scores = round_to(round_to(qc.bmm(&ctx.transpose(1, 2)), act) * self.scale, act)
             .view([g.b, g.s_max, self.h, g.t_max])
             .masked_fill(&g.allowed.logical_not(), f64::NEG_INFINITY);
-        let p = scores.softmax(-1, Kind::Float).to_kind(qc.kind());
-        let o_lat = p.view([g.b, g.s_max * self.h, g.t_max]).bmm(&ctx.narrow(2, 0, self.rkv)).view([
-            g.b * g.s_max,
-            self.h,
-            self.rkv,
-        ]);
-        self.absorb_output(&o_lat)
+        let p = round_to(scores.softmax(-1, Kind::Float), act).to_kind(qc.kind());
+        let o_lat = p.view([g.b, g.s_max * self.h, g.t_max]).bmm(&ctx.narrow(2, 0, self.rkv));
+        self.absorb_output(&round_to(o_lat, act).view([g.b * g.s_max, self.h, self.rkv]))
     }
 
     /// One long chunk: `[new, h, dv]`, queries tiled so scores stay bounded in memory.
     fn attend_solo(&self, s: &SoloSeq, q_nope: &Tensor, q_pe: &Tensor, cache: &Tensor) -> Tensor {
         let n = s.new;
         let tc = s.cached + n;
-        let ctx = cache.index_select(0, &s.ctx_slots).to_kind(q_nope.kind());
+        let act = q_nope.kind();
+        let ctx = cache.index_select(0, &s.ctx_slots).to_kind(self.core_kind(act));
         let (h, rkv, dn, dr, dv) = (self.h, self.rkv, self.dn, self.dr, self.dv);
         // Multiply-adds of each form (see the model notes on the absorbed/expanded trade-off).
         let absorbed = h * n * (dn + dv) * rkv + h * n * tc * (2 * rkv + dr);
@@ -198,31 +225,46 @@ impl Mla {
             let mut q0 = 0;
             while q0 < n {
                 let len = tile.min(n - q0);
-                let scores = (qc.narrow(0, q0, len).reshape([len * h, rkv + dr]).mm(&kt) * self.scale)
+                let scores = qc.narrow(0, q0, len).reshape([len * h, rkv + dr]).mm(&kt);
+                let scores = round_to(round_to(scores, act) * self.scale, act)
                     .view([len, h, tc])
                     .masked_fill(&mask_for(q0, len).unsqueeze(1), f64::NEG_INFINITY);
-                let p = scores.softmax(-1, Kind::Float).to_kind(qc.kind());
-                let o_lat = p.view([len * h, tc]).mm(&c).view([len, h, rkv]);
+                let p = round_to(scores.softmax(-1, Kind::Float), act).to_kind(qc.kind());
+                let o_lat = round_to(p.view([len * h, tc]).mm(&c), act).view([len, h, rkv]);
                 outs.push(self.absorb_output(&o_lat));
                 q0 += len;
             }
         } else {
             let c = ctx.narrow(1, 0, rkv);
-            let k_nope = c.mm(&self.w_uk.view([h * dn, rkv]).tr()).view([tc, h, dn]);
-            let v = c.mm(&self.w_uv.view([h * dv, rkv]).tr()).view([tc, h, dv]).permute([1, 0, 2]);
+            let core = ctx.kind();
+            let w_uk_t = self.w_uk_t.to_kind(core);
+            let k_nope = round_to(c.matmul(&w_uk_t), act).permute([1, 0, 2]); // [tc, h, dn]
+            let v = round_to(forward_weight(&c, &self.w_uv.view([h * dv, rkv])), act)
+                .view([tc, h, dv])
+                .permute([1, 0, 2]);
             let k_pe = ctx.narrow(1, rkv, dr).unsqueeze(1).expand([tc, h, dr], false);
             let k = Tensor::cat(&[k_nope, k_pe], 2).permute([1, 2, 0]); // [h, dn+dr, tc]
-            let q = Tensor::cat(&[q_nope.shallow_clone(), q_pe.shallow_clone()], 2).transpose(0, 1); // [h, n, dn+dr]
+            let q = Tensor::cat(&[q_nope.to_kind(core), q_pe.to_kind(core)], 2).transpose(0, 1); // [h, n, dn+dr]
             let mut q0 = 0;
             while q0 < n {
                 let len = tile.min(n - q0);
-                let scores = (q.narrow(1, q0, len).bmm(&k) * self.scale)
+                let scores = round_to(round_to(q.narrow(1, q0, len).bmm(&k), act) * self.scale, act)
                     .masked_fill(&mask_for(q0, len).unsqueeze(0), f64::NEG_INFINITY);
-                let p = scores.softmax(-1, Kind::Float).to_kind(q.kind());
-                outs.push(p.bmm(&v).transpose(0, 1));
+                let p = round_to(scores.softmax(-1, Kind::Float), act).to_kind(q.kind());
+                outs.push(round_to(p.bmm(&v), act).transpose(0, 1));
                 q0 += len;
             }
         }
-        Tensor::cat(&outs, 0)
+        Tensor::cat(&outs, 0).to_kind(q_nope.kind())
+    }
+}
+
+/// Rounds an f32 intermediate to the activation precision `act` (kept in f32), as computing that
+/// product in `act` would; a no-op for f32 activations.
+fn round_to(t: Tensor, act: Kind) -> Tensor {
+    if t.kind() == Kind::Float && act != Kind::Float {
+        t.to_kind(act).to_kind(Kind::Float)
+    } else {
+        t
     }
 }

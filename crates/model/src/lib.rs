@@ -8,6 +8,7 @@ pub mod cache;
 pub mod dtype;
 pub mod engine;
 pub mod error;
+pub mod kernels;
 pub mod layer;
 pub mod linear;
 pub mod loader;

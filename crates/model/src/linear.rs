@@ -1,4 +1,6 @@
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
+
+use crate::kernels;
 
 /// A bias-free linear layer `y = x W^T` with `W` stored `[out, in]` as in the checkpoint.
 pub struct Linear {
@@ -19,6 +21,18 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear::<Tensor>(&self.weight, None)
+        forward_weight(x, &self.weight)
     }
+}
+
+/// `x · wᵀ`. On the CPU, bf16 weights take the bf16 kernel for few rows and an f32 product
+/// otherwise (libtorch's CPU bf16 GEMM is several times slower than both without native bf16).
+pub fn forward_weight(x: &Tensor, w: &Tensor) -> Tensor {
+    if kernels::use_for(x, w) {
+        return kernels::linear(x, w);
+    }
+    if w.kind() == Kind::BFloat16 && w.device() == Device::Cpu {
+        return x.to_kind(Kind::Float).linear::<Tensor>(&w.to_kind(Kind::Float), None).to_kind(x.kind());
+    }
+    x.linear::<Tensor>(w, None)
 }

@@ -6,6 +6,8 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::error::Result;
+use crate::kernels;
+use crate::linear::forward_weight;
 use crate::loader::LoadCtx;
 use crate::mlp::Mlp;
 
@@ -92,6 +94,10 @@ impl ExpertShard {
         self.gate_up.size()[0]
     }
 
+    fn grouped_kernel(&self) -> bool {
+        self.gate_up.kind() == Kind::BFloat16 && self.device == Device::Cpu && kernels::simd_available()
+    }
+
     /// This shard's experts' weighted outputs summed per token, `[N, H]`, or None when none of its
     /// experts was chosen.
     pub fn forward_partial(&self, x: &Tensor, d: &Dispatch) -> Option<Tensor> {
@@ -102,17 +108,30 @@ impl ExpertShard {
         }
         let rows = d.token_of.narrow(0, start, end - start);
         let xs = x.index_select(0, &rows).to_device(self.device);
-        let mut outs = Vec::new();
-        for e in lo..hi {
-            let (a, b) = (d.offsets[e] - start, d.offsets[e + 1] - start);
-            if a == b {
-                continue;
-            }
-            let local = e as i64 - self.first;
-            let gu = xs.narrow(0, a, b - a).mm(&self.gate_up.get(local).tr());
-            let act = gu.narrow(1, 0, self.inter).silu() * gu.narrow(1, self.inter, self.inter);
-            outs.push(act.mm(&self.down.get(local).tr()));
-        }
+        // The active experts and their runs of rows in `xs`.
+        let active: Vec<(i64, i64, i64)> = (lo..hi)
+            .filter(|&e| d.offsets[e + 1] > d.offsets[e])
+            .map(|e| (e as i64 - self.first, d.offsets[e] - start, d.offsets[e + 1] - d.offsets[e]))
+            .collect();
+        let swiglu = |gu: &Tensor| gu.narrow(1, 0, self.inter).silu() * gu.narrow(1, self.inter, self.inter);
+        let outs: Vec<Tensor> = if self.grouped_kernel() {
+            // All active experts' products in one parallel region per matrix.
+            let ins: Vec<(Tensor, Tensor)> =
+                active.iter().map(|&(e, a, n)| (xs.narrow(0, a, n), self.gate_up.get(e))).collect();
+            let pairs: Vec<(&Tensor, &Tensor)> = ins.iter().map(|(x, w)| (x, w)).collect();
+            let acts: Vec<Tensor> = kernels::grouped_linear(&pairs).iter().map(swiglu).collect();
+            let downs: Vec<Tensor> = active.iter().map(|&(e, _, _)| self.down.get(e)).collect();
+            let pairs: Vec<(&Tensor, &Tensor)> = acts.iter().zip(&downs).collect();
+            kernels::grouped_linear(&pairs)
+        } else {
+            active
+                .iter()
+                .map(|&(e, a, n)| {
+                    let gu = forward_weight(&xs.narrow(0, a, n), &self.gate_up.get(e));
+                    forward_weight(&swiglu(&gu), &self.down.get(e))
+                })
+                .collect()
+        };
         let ys = Tensor::cat(&outs, 0).to_device(x.device());
         let w = d.weight.narrow(0, start, end - start).unsqueeze(1);
         // Weighting in fp32 (as the reference does for bf16 activations); f64 stays f64 for tests.
