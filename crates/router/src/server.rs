@@ -55,6 +55,8 @@ pub async fn serve(
     );
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_service_status("", ServingStatus::NotServing).await;
+    // "liveness": the process answers (a worker restart must not restart the router).
+    reporter.set_service_status("liveness", ServingStatus::Serving).await;
     reporter.set_not_serving::<GenerationServer<GenerationService>>().await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(track_health(scheduler.clone(), reporter, stop_rx.clone()));

@@ -119,6 +119,10 @@ pub async fn serve(
         )
     });
     let (reporter, health) = tonic_health::server::health_reporter();
+    // Overall health follows the Stage service (NOT_SERVING while loading); "liveness" only says the
+    // process answers, for probes that must not restart a stage during a long load.
+    reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    reporter.set_service_status("liveness", tonic_health::ServingStatus::Serving).await;
     reporter.set_not_serving::<StageServer<StageService>>().await;
     let loaded: Arc<OnceLock<(Compute, StageFacts)>> = Arc::new(OnceLock::new());
     let service = StageServer::new(StageService::new(loaded.clone(), metrics, opts.downstream_tls.clone()))
@@ -147,6 +151,7 @@ pub async fn serve(
         Ok(stage) => {
             let _ = loaded.set(stage);
             reporter.set_serving::<StageServer<StageService>>().await;
+            reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
             tracing::info!(
                 layers = ?opts.layers,
                 secs = started.elapsed().as_secs_f64(),

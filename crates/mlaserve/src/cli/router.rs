@@ -110,10 +110,11 @@ pub fn run(a: Args, g: &Global) -> anyhow::Result<()> {
     if s.router.stages.is_empty() {
         anyhow::bail!("`router.stages` is required: pass --stage for each stage, set it in the config file, or set MLASERVE_ROUTER__STAGES");
     }
+    // Reads TLS and token files, so that --check fails on a missing one as the real start would.
+    let opts = router_options(&s, s.router.stages.clone(), &model)?;
     if check_done(g, &s, "router") {
         return Ok(());
     }
-    let opts = router_options(&s, s.router.stages.clone(), &model)?;
     let listen = s.router.listen.parse()?;
     runtime()?.block_on(async move {
         let telemetry = Telemetry::init(&s.telemetry, Role::Router)?;

@@ -60,6 +60,8 @@ pub fn run(a: Args, g: &Global) -> anyhow::Result<()> {
     let model = PathBuf::from(required(&w.model, "worker.model", "--model")?);
     let layers =
         parse_layers(required(&w.layers, "worker.layers", "--layers")?).map_err(anyhow::Error::msg)?;
+    // TLS files are read here, so that --check fails on a missing one as the real start would.
+    let (server_tls, downstream_tls) = (server_tls(&s)?, stage_tls(&s)?);
     if check_done(g, &s, "worker") {
         return Ok(());
     }
@@ -72,8 +74,8 @@ pub fn run(a: Args, g: &Global) -> anyhow::Result<()> {
         dtype: resolve_dtype(&w.dtype, &w.device),
         kv_blocks: w.kv_blocks,
         block_size: w.block_size,
-        server_tls: server_tls(&s)?,
-        downstream_tls: stage_tls(&s)?,
+        server_tls,
+        downstream_tls,
     };
     let metrics_listen = w.metrics_listen.clone();
     runtime()?.block_on(async move {
