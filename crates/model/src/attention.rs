@@ -123,7 +123,9 @@ impl Mla {
                         &q_pe.index_select(0, rows),
                         cache,
                     );
-                    let o = o.index_select(0, g.out_slots.as_ref().expect("non-identity group"));
+                    let o = o
+                        .index_select(0, g.out_slots.as_ref().expect("non-identity group"))
+                        .to_kind(x.kind());
                     let _ = out.index_copy_(0, g.out_rows.as_ref().expect("non-identity group"), &o);
                 }
                 for s in &plan.solo {

@@ -1,6 +1,7 @@
 //! Command-line interface. Command names, flags and outputs here are a stable interface that tests,
 //! the Helm chart and users rely on.
 
+mod bench;
 mod client;
 mod demo;
 mod generate;
@@ -44,6 +45,8 @@ enum Command {
     Complete(client::CompleteArgs),
     /// Chat with a running router (one message, or interactively from stdin).
     Chat(client::ChatArgs),
+    /// Load generator: concurrent streams against a router; throughput and latency percentiles.
+    Bench(bench::Args),
     /// Build (if needed) the random demo model and print its directory.
     DemoModel,
     /// Print the effective configuration (defaults < --config file < MLASERVE_* environment) as TOML.
@@ -67,6 +70,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(a) => serve::run(a, &cli.global),
         Command::Complete(a) => client::complete(a),
         Command::Chat(a) => client::chat(a),
+        Command::Bench(a) => bench::run(a),
         Command::DemoModel => {
             println!("{}", demo::ensure_demo_model()?.display());
             Ok(())
