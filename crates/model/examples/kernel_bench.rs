@@ -22,7 +22,11 @@ fn main() {
     if let Ok(t) = std::env::var("TORCH_THREADS") {
         tch::set_num_threads(t.parse().unwrap());
     }
-    println!("threads: torch {} rayon {}", tch::get_num_threads(), rayon::current_num_threads());
+    println!(
+        "threads: torch {} kernels {}",
+        tch::get_num_threads(),
+        mlaserve_model::pool::global().threads()
+    );
     for (m, n, k) in [(1, 4096, 1024), (1, 32768, 1024), (8, 4096, 1024), (16, 4096, 1024), (32, 4096, 1024)]
     {
         let x = Tensor::randn([m, k], (Kind::BFloat16, Device::Cpu));

@@ -13,6 +13,7 @@ use crate::kernels;
 use crate::linear::{forward_weight, Linear};
 use crate::loader::LoadCtx;
 use crate::norm::RmsNorm;
+use crate::profile;
 use crate::rope::{self, permute_rope_rows};
 
 enum QProj {
@@ -96,6 +97,7 @@ impl Mla {
     /// (`[slots, rkv + dr]`) before attending, so each token sees itself.
     pub fn forward(&self, x: &Tensor, plan: &StepPlan, cache: &mut Tensor) -> Tensor {
         let t = x.size()[0];
+        let proj = profile::section("attn.proj");
         let q = match &self.q {
             QProj::Lora { a, norm, b } => b.forward(&norm.forward(&a.forward(x))),
             QProj::Plain(p) => p.forward(x),
@@ -111,6 +113,8 @@ impl Mla {
         let _ =
             cache.index_copy_(0, &plan.write_slots, &Tensor::cat(&[latent, k_pe], 1).to_kind(cache.kind()));
 
+        drop(proj);
+        let core = profile::section("attn.core");
         let out = match &plan.batched {
             Some(g) if g.q_rows.is_none() => self.attend_batched(g, &q_nope, &q_pe, cache).to_kind(x.kind()),
             _ => {
@@ -140,6 +144,8 @@ impl Mla {
                 out
             }
         };
+        drop(core);
+        let _p = profile::section("attn.o_proj");
         self.o.forward(&out.reshape([t, self.h * self.dv]))
     }
 
@@ -158,7 +164,7 @@ impl Mla {
     /// Per-head `x[:, h, :] · w[h]ᵀ` for `x [n, h, in]`, `w [h, out, in]`: `[n, h, out]`.
     fn per_head(&self, x: &Tensor, w: &Tensor) -> Tensor {
         let xh = x.transpose(0, 1).contiguous();
-        if kernels::use_for(&xh.get(0), &w.get(0)) {
+        if kernels::use_for(&xh, &w.get(0)) {
             let heads: Vec<(Tensor, Tensor)> = (0..self.h).map(|i| (xh.get(i), w.get(i))).collect();
             let pairs: Vec<(&Tensor, &Tensor)> = heads.iter().map(|(a, b)| (a, b)).collect();
             return Tensor::stack(&kernels::grouped_linear(&pairs), 1);
@@ -184,16 +190,23 @@ impl Mla {
     fn attend_batched(&self, g: &BatchedGroup, q_nope: &Tensor, q_pe: &Tensor, cache: &Tensor) -> Tensor {
         let act = q_nope.kind();
         // qc comes in the core precision (absorb_query).
+        let p1 = profile::section("core.absorb_q");
         let qc = self.absorb_query(q_nope, q_pe).reshape([g.b, g.s_max * self.h, self.rkv + self.dr]);
+        drop(p1);
+        let p1 = profile::section("core.gather");
         let ctx = cache
             .index_select(0, &g.ctx_slots.view([-1]))
             .view([g.b, g.t_max, self.rkv + self.dr])
             .to_kind(qc.kind());
+        drop(p1);
+        let p1 = profile::section("core.scores");
         let scores = round_to(round_to(qc.bmm(&ctx.transpose(1, 2)), act) * self.scale, act)
             .view([g.b, g.s_max, self.h, g.t_max])
             .masked_fill(&g.allowed.logical_not(), f64::NEG_INFINITY);
         let p = round_to(scores.softmax(-1, Kind::Float), act).to_kind(qc.kind());
         let o_lat = p.view([g.b, g.s_max * self.h, g.t_max]).bmm(&ctx.narrow(2, 0, self.rkv));
+        drop(p1);
+        let _p1 = profile::section("core.absorb_out");
         self.absorb_output(&round_to(o_lat, act).view([g.b * g.s_max, self.h, self.rkv]))
     }
 

@@ -9,6 +9,7 @@ use crate::batch::SeqStep;
 use crate::cache::LatentCache;
 use crate::error::{ModelError, Result};
 use crate::model::Model;
+use crate::profile;
 use crate::sampling::{SampleRow, Sampler};
 
 #[derive(Debug, Clone)]
@@ -123,7 +124,10 @@ impl<'m> Engine<'m> {
                 ids.extend_from_slice(&s.tokens[s.cached..s.cached + n]);
                 steps.push(SeqStep { cached: s.cached, new: n, pos_offset: 0, block_table: s.table.clone() });
             }
-            let plan = self.model.plan(steps, &self.cache)?;
+            let plan = {
+                let _p = profile::section("plan");
+                self.model.plan(steps, &self.cache)?
+            };
             let x = self.model.forward_layers(self.model.embed(&ids)?, &plan, &mut self.cache)?;
             // Only sequences whose chunk reached their last token produce a new one.
             let sampled: Vec<usize> = work
@@ -142,7 +146,11 @@ impl<'m> Engine<'m> {
             let h = self
                 .model
                 .final_norm(&x.index_select(0, &tch::Tensor::from_slice(&rows).to_device(x.device())))?;
-            let logits = self.model.logits(&h)?;
+            let logits = {
+                let _p = profile::section("lm_head");
+                self.model.logits(&h)?
+            };
+            let _p = profile::section("sample");
             let sample_rows: Vec<SampleRow> = sampled
                 .iter()
                 .map(|&k| {

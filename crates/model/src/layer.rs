@@ -7,6 +7,7 @@ use crate::loader::LoadCtx;
 use crate::mlp::Mlp;
 use crate::moe::Moe;
 use crate::norm::RmsNorm;
+use crate::profile;
 
 pub enum Ffn {
     Dense(Mlp),
@@ -46,11 +47,21 @@ impl DecoderLayer {
     }
 
     pub fn forward(&self, x: &Tensor, plan: &StepPlan, cache: &mut Tensor) -> Tensor {
-        let h = x + self.attn.forward(&self.input_norm.forward(x), plan, cache);
+        let a = {
+            let _p = profile::section("attention");
+            self.attn.forward(&self.input_norm.forward(x), plan, cache)
+        };
+        let h = x + a;
         let n = self.post_norm.forward(&h);
         let f = match &self.ffn {
-            Ffn::Dense(m) => m.forward(&n),
-            Ffn::Moe(m) => m.forward(&n),
+            Ffn::Dense(m) => {
+                let _p = profile::section("dense_mlp");
+                m.forward(&n)
+            }
+            Ffn::Moe(m) => {
+                let _p = profile::section("moe");
+                m.forward(&n)
+            }
         };
         h + f
     }

@@ -17,6 +17,8 @@ pub mod model;
 pub mod moe;
 pub mod mtp;
 pub mod norm;
+pub mod pool;
+pub mod profile;
 pub mod rope;
 pub mod sampling;
 pub mod weights;

@@ -25,8 +25,8 @@ impl Linear {
     }
 }
 
-/// `x · wᵀ`. On the CPU, bf16 weights take the bf16 kernel for few rows and an f32 product
-/// otherwise (libtorch's CPU bf16 GEMM is several times slower than both without native bf16).
+/// `x · wᵀ`: on the CPU through [`kernels`]; without AVX2, bf16 weights multiply as f32 (libtorch's
+/// CPU bf16 GEMM is several times slower); elsewhere libtorch.
 pub fn forward_weight(x: &Tensor, w: &Tensor) -> Tensor {
     if kernels::use_for(x, w) {
         return kernels::linear(x, w);

@@ -10,6 +10,7 @@ use crate::kernels;
 use crate::linear::forward_weight;
 use crate::loader::LoadCtx;
 use crate::mlp::Mlp;
+use crate::profile;
 
 pub struct Router {
     weight: Tensor,
@@ -95,7 +96,9 @@ impl ExpertShard {
     }
 
     fn grouped_kernel(&self) -> bool {
-        self.gate_up.kind() == Kind::BFloat16 && self.device == Device::Cpu && kernels::simd_available()
+        matches!(self.gate_up.kind(), Kind::BFloat16 | Kind::Float)
+            && self.device == Device::Cpu
+            && kernels::simd_available()
     }
 
     /// This shard's experts' weighted outputs summed per token, `[N, H]`, or None when none of its
@@ -204,8 +207,12 @@ impl Moe {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let (idx, w) = self.router.route(x);
-        let d = Dispatch::new(&idx, &w, self.router.n_experts);
+        let d = {
+            let _p = profile::section("moe.route");
+            let (idx, w) = self.router.route(x);
+            Dispatch::new(&idx, &w, self.router.n_experts)
+        };
+        let _p = profile::section("moe.experts");
         // Combine: the partial sums of the shards; on one device a plain sum.
         let mut out: Option<Tensor> = None;
         for s in &self.shards {
@@ -217,6 +224,7 @@ impl Moe {
             }
         }
         let routed = out.unwrap_or_else(|| x.zeros_like());
+        let _p = profile::section("moe.shared");
         match &self.shared {
             Some(m) => routed + m.forward(x),
             None => routed,

@@ -72,6 +72,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let blocks = Engine::blocks_needed(&reqs, a.block_size);
     let mut engine = Engine::new(&model, blocks, a.block_size, a.step_tokens);
     let outs = engine.generate(&reqs)?;
+    if let Some(p) = mlaserve_model::profile::report() {
+        eprint!("{p}");
+    }
     if a.stats {
         let s = engine.stats();
         eprintln!(

@@ -18,7 +18,8 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "mlaserve", version, about = "Serve DeepSeek-V3-architecture models over gRPC")]
 pub struct Cli {
-    /// Intra-op CPU threads for libtorch (default: all cores).
+    /// CPU threads for the model's matrix products (default: all cores). libtorch's own small ops
+    /// run on one thread next to them.
     #[arg(long, global = true, env = "MLASERVE_THREADS")]
     threads: Option<i32>,
     #[command(flatten)]
@@ -58,8 +59,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     if !matches!(cli.command, Command::Worker(_) | Command::Router(_) | Command::Serve(_)) {
         util::init_logging();
     }
-    if let Some(t) = cli.threads {
-        tch::set_num_threads(t);
+    tch::set_num_threads(mlaserve_model::kernels::LIBTORCH_CPU_THREADS);
+    if let Some(t) = cli.threads.filter(|&t| t > 0) {
+        mlaserve_model::pool::init_global(t as usize);
     }
     match cli.command {
         Command::Logits(a) => logits::run(a),
