@@ -52,6 +52,14 @@ enum Command {
     DemoModel,
     /// Print the effective configuration (defaults < --config file < MLASERVE_* environment) as TOML.
     Config,
+    /// Print balanced layer ranges for a pipeline of P stages (one START..END per line).
+    PlanStages {
+        /// Checkpoint directory (only config.json is read).
+        #[arg(long)]
+        model: std::path::PathBuf,
+        #[arg(long)]
+        stages: usize,
+    },
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -75,6 +83,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::DemoModel => {
             println!("{}", demo::ensure_demo_model()?.display());
+            Ok(())
+        }
+        Command::PlanStages { model, stages } => {
+            let c = mlaserve_core::ModelConfig::from_dir(&model)?;
+            let ranges = c.balanced_stages(stages).ok_or_else(|| {
+                anyhow::anyhow!("--stages must be between 1 and the model's {} layers", c.num_hidden_layers)
+            })?;
+            for r in ranges {
+                println!("{}..{}", r.start, r.end);
+            }
             Ok(())
         }
         Command::Config => {

@@ -45,11 +45,6 @@ pub struct Args {
     pub limits: Limits,
 }
 
-/// Splits `layers` into `stages` contiguous ranges, sizes differing by at most one.
-pub fn split_layers(layers: usize, stages: usize) -> Vec<(usize, usize)> {
-    (0..stages).map(|i| (i * layers / stages, (i + 1) * layers / stages)).collect()
-}
-
 async fn spawn_worker(
     s: &Settings,
     g: &Global,
@@ -137,7 +132,8 @@ pub fn run(a: Args, g: &Global) -> anyhow::Result<()> {
         serve_metrics(&s.router.metrics_listen, &telemetry).await?;
         let mut children = Vec::new();
         let mut addrs = Vec::new();
-        for range in split_layers(config.num_hidden_layers, stages) {
+        let ranges = config.balanced_stages(stages).expect("stage count checked above");
+        for range in ranges.iter().map(|r| (r.start, r.end)) {
             let (child, addr) = spawn_worker(&s, g, &model, range, threads).await?;
             eprintln!("mlaserve: stage layers {}..{} on {addr}", range.0, range.1);
             children.push(child);
@@ -163,16 +159,4 @@ pub fn run(a: Args, g: &Global) -> anyhow::Result<()> {
         result?;
         Ok(())
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::split_layers;
-
-    #[test]
-    fn layers_split_evenly() {
-        assert_eq!(split_layers(6, 1), vec![(0, 6)]);
-        assert_eq!(split_layers(6, 4), vec![(0, 1), (1, 3), (3, 4), (4, 6)]);
-        assert_eq!(split_layers(61, 8).iter().map(|r| r.1 - r.0).sum::<usize>(), 61);
-    }
 }
