@@ -269,3 +269,31 @@ def test_prompt_longer_than_the_context(small2):
         generate(s, input_ids=pb.TokenIds(ids=[5] * (info.max_total_tokens + 1)), **greedy(1))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "context" in e.value.details()
     ch.close()
+
+
+def test_prefix_cache_skips_shared_prefill_and_changes_nothing(small):  # noqa: F811
+    """A second request sharing a long prefix reuses its cached blocks (reported in usage and
+    ModelInfo) and generates exactly what it generates without prefix caching."""
+    g = torch.Generator().manual_seed(11)
+    system = torch.randint(2, 512, (70,), generator=g).tolist()
+    tails = [torch.randint(2, 512, (5,), generator=g).tolist() for _ in range(3)]
+    results = {}
+    for caching in ("true", "false"):
+        with cluster(small, stages=2, router_args=["--prefix-caching", caching]) as (addr, _, _):
+            s, ch = stub(addr)
+            runs = [generate(s, input_ids=pb.TokenIds(ids=system + t), **greedy(10)) for t in tails]
+            # Sampled with penalties too: the stages then need the skipped tokens as history.
+            runs.append(generate(s, input_ids=pb.TokenIds(ids=system + tails[0]),
+                                 sampling=pb.SamplingParameters(temperature=0.9, seed=5, repetition_penalty=1.3),
+                                 stopping=pb.StoppingCriteria(max_new_tokens=10, ignore_eos=True)))
+            results[caching] = ([r.ids for r in runs], [r.usage.cached_prompt_tokens for r in runs], model_info(addr))
+            ch.close()
+    ids_on, cached_on, info_on = results["true"]
+    ids_off, cached_off, info_off = results["false"]
+    assert ids_on == ids_off
+    assert cached_off == [0, 0, 0, 0]
+    block = info_on.block_size
+    assert cached_on[0] == 0 and all(c == (70 // block) * block for c in cached_on[1:]), cached_on
+    assert info_on.prefix_cache_hits >= 3 * (70 // block) and info_on.prefix_cache_queries >= info_on.prefix_cache_hits
+    assert info_off.prefix_cache_hits == 0
+    assert info_on.kv_blocks_free == info_on.kv_blocks_total, "cached blocks count as free"

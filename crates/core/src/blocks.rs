@@ -1,5 +1,15 @@
 //! Paged latent-cache bookkeeping: a fixed pool of blocks of `block_size` token slots, handed out to
-//! sequences as block tables. The scheduler owns one allocator; the workers only see block ids.
+//! sequences as block tables, with prefix caching.
+//!
+//! A full block's contents are determined by the tokens it holds and all tokens before it, so it is
+//! named by a hash chain over token blocks. Full blocks can be registered under that hash; a new
+//! sequence whose prompt starts with the same tokens takes the registered blocks (reference counted)
+//! instead of recomputing them. Only full blocks are shared, so nobody ever writes into a shared
+//! block. Registered blocks that no sequence holds stay cached until their space is needed, then
+//! the least recently used go first. The scheduler owns one allocator; workers only see block ids.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BlockError {
@@ -19,11 +29,46 @@ pub fn slot_of(block_table: &[u32], block_size: usize, pos: usize) -> usize {
     block_table[pos / block_size] as usize * block_size + pos % block_size
 }
 
+/// Hash naming a full block: its tokens and, through `parent`, everything before them.
+pub fn block_hash(parent: u64, tokens: &[u32]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    parent.hash(&mut h);
+    tokens.hash(&mut h);
+    h.finish()
+}
+
+/// The hash chain of the full blocks of `tokens`.
+pub fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
+    let mut parent = 0u64;
+    tokens
+        .chunks_exact(block_size)
+        .map(|b| {
+            parent = block_hash(parent, b);
+            parent
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrefixStats {
+    /// Full prompt blocks looked up, and how many were found cached.
+    pub queries: u64,
+    pub hits: u64,
+}
+
 #[derive(Debug, Clone)]
 pub struct BlockAllocator {
     block_size: usize,
     free: Vec<u32>,
     refs: Vec<u32>,
+    /// Registered block → its hash; and hash → block.
+    hash_of: Vec<Option<u64>>,
+    by_hash: HashMap<u64, u32>,
+    /// Registered blocks nobody holds, by last use (oldest first): reusable or evictable.
+    idle: BTreeMap<u64, u32>,
+    idle_since: Vec<Option<u64>>,
+    clock: u64,
+    stats: PrefixStats,
 }
 
 impl BlockAllocator {
@@ -31,7 +76,17 @@ impl BlockAllocator {
         assert!(block_size > 0, "block_size must be positive");
         // Pop from the end: hand out low ids first, which keeps test output readable.
         let free = (0..num_blocks as u32).rev().collect();
-        BlockAllocator { block_size, free, refs: vec![0; num_blocks] }
+        BlockAllocator {
+            block_size,
+            free,
+            refs: vec![0; num_blocks],
+            hash_of: vec![None; num_blocks],
+            by_hash: HashMap::new(),
+            idle: BTreeMap::new(),
+            idle_since: vec![None; num_blocks],
+            clock: 0,
+            stats: PrefixStats::default(),
+        }
     }
 
     pub fn block_size(&self) -> usize {
@@ -42,18 +97,42 @@ impl BlockAllocator {
         self.refs.len()
     }
 
+    /// Blocks available to new allocations (free, or cached but held by nobody).
     pub fn num_free(&self) -> usize {
-        self.free.len()
+        self.free.len() + self.idle.len()
     }
 
     pub fn num_used(&self) -> usize {
         self.num_blocks() - self.num_free()
     }
 
-    /// Takes `n` blocks, all or none.
+    /// Registered (prefix-cached) blocks, held or not.
+    pub fn num_cached(&self) -> usize {
+        self.by_hash.len()
+    }
+
+    pub fn prefix_stats(&self) -> &PrefixStats {
+        &self.stats
+    }
+
+    fn forget(&mut self, b: u32) {
+        if let Some(h) = self.hash_of[b as usize].take() {
+            if self.by_hash.get(&h) == Some(&b) {
+                self.by_hash.remove(&h);
+            }
+        }
+    }
+
+    /// Takes `n` blocks, all or none, evicting the least recently used idle cached blocks if needed.
     pub fn allocate(&mut self, n: usize) -> Result<Vec<u32>, BlockError> {
-        if n > self.free.len() {
-            return Err(BlockError::OutOfBlocks { requested: n, free: self.free.len() });
+        if n > self.num_free() {
+            return Err(BlockError::OutOfBlocks { requested: n, free: self.num_free() });
+        }
+        while self.free.len() < n {
+            let (_, b) = self.idle.pop_first().expect("counted in num_free");
+            self.idle_since[b as usize] = None;
+            self.forget(b);
+            self.free.push(b);
         }
         let taken = self.free.split_off(self.free.len() - n);
         let mut taken: Vec<u32> = taken.into_iter().rev().collect();
@@ -73,27 +152,64 @@ impl BlockAllocator {
         Ok(())
     }
 
-    /// Adds a reference to an allocated block (shared prefix).
+    /// Adds a reference to a block that is held or cached.
     pub fn retain(&mut self, block: u32) -> Result<(), BlockError> {
-        match self.refs.get_mut(block as usize) {
-            Some(r) if *r > 0 => {
-                *r += 1;
-                Ok(())
-            }
-            _ => Err(BlockError::NotAllocated(block)),
+        let i = block as usize;
+        if i >= self.refs.len() {
+            return Err(BlockError::NotAllocated(block));
         }
+        if self.refs[i] == 0 {
+            let since = self.idle_since[i].take().ok_or(BlockError::NotAllocated(block))?;
+            self.idle.remove(&since);
+        }
+        self.refs[i] += 1;
+        Ok(())
     }
 
-    /// Drops one reference to each block; blocks reaching zero return to the pool.
+    /// Drops one reference to each block; unreferenced blocks return to the pool, registered ones
+    /// stay cached until their space is needed.
     pub fn release(&mut self, blocks: &[u32]) -> Result<(), BlockError> {
         for &b in blocks {
             let r = self.refs.get_mut(b as usize).filter(|r| **r > 0).ok_or(BlockError::NotAllocated(b))?;
             *r -= 1;
             if *r == 0 {
-                self.free.push(b);
+                if self.hash_of[b as usize].is_some() {
+                    self.clock += 1;
+                    self.idle.insert(self.clock, b);
+                    self.idle_since[b as usize] = Some(self.clock);
+                } else {
+                    self.free.push(b);
+                }
             }
         }
         Ok(())
+    }
+
+    /// Records that `table[i]` holds the full block named `hashes[i]` (a sequence's computed tokens),
+    /// so later prompts starting the same way can reuse it. Already known hashes are left alone.
+    pub fn register(&mut self, hashes: &[u64], table: &[u32]) {
+        for (&h, &b) in hashes.iter().zip(table) {
+            if self.hash_of[b as usize].is_some() || self.by_hash.contains_key(&h) {
+                continue;
+            }
+            self.hash_of[b as usize] = Some(h);
+            self.by_hash.insert(h, b);
+        }
+    }
+
+    /// Takes (a reference to) the cached blocks matching the leading full blocks of a prompt with
+    /// block hashes `hashes`, at most `max_blocks` of them; returns the blocks, in order.
+    pub fn match_prefix(&mut self, hashes: &[u64], max_blocks: usize) -> Vec<u32> {
+        let wanted = &hashes[..hashes.len().min(max_blocks)];
+        self.stats.queries += wanted.len() as u64;
+        let mut out = Vec::new();
+        for h in wanted {
+            let Some(&b) = self.by_hash.get(h) else { break };
+            self.retain(b).expect("registered blocks are held or idle");
+            out.push(b);
+        }
+        self.stats.hits += out.len() as u64;
+        out
     }
 }
 
@@ -140,5 +256,42 @@ mod tests {
         assert_eq!(slot_of(&table, 4, 5), 9);
         assert_eq!(blocks_for(0, 4), 0);
         assert_eq!(blocks_for(4, 4), 1);
+    }
+
+    #[test]
+    fn hash_chains_depend_on_everything_before() {
+        let a = block_hashes(&[1, 2, 3, 4, 5, 6, 7, 8, 9], 4);
+        let b = block_hashes(&[1, 2, 3, 4, 5, 6, 7, 8], 4);
+        let c = block_hashes(&[0, 2, 3, 4, 5, 6, 7, 8], 4);
+        assert_eq!(a.len(), 2, "only full blocks");
+        assert_eq!(a, b);
+        assert_ne!(a[1], c[1], "same tokens after a different prefix are a different block");
+    }
+
+    #[test]
+    fn prefix_blocks_are_shared_cached_and_evicted_last_used_first() {
+        let mut a = BlockAllocator::new(4, 2);
+        let prompt = [7u32, 8, 9, 10, 11];
+        let hs = block_hashes(&prompt, 2);
+        let t1 = a.allocate(3).unwrap();
+        a.register(&hs, &t1);
+        // A second sequence with the same prompt shares the two full blocks.
+        let shared = a.match_prefix(&hs, 2);
+        assert_eq!(shared, t1[..2]);
+        assert_eq!(a.prefix_stats(), &PrefixStats { queries: 2, hits: 2 });
+        a.release(&t1).unwrap();
+        assert_eq!(a.num_free(), 2, "still held by the second sequence");
+        a.release(&shared).unwrap();
+        assert_eq!(a.num_free(), 4);
+        assert_eq!(a.num_cached(), 2, "unheld but still cached");
+        // Reuse after everyone left.
+        let again = a.match_prefix(&hs, 2);
+        assert_eq!(again, t1[..2]);
+        a.release(&again).unwrap();
+        // Pressure evicts cached blocks, least recently used first.
+        let all = a.allocate(4).unwrap();
+        assert_eq!(all.len(), 4);
+        assert_eq!(a.num_cached(), 0);
+        assert!(a.match_prefix(&hs, 2).is_empty());
     }
 }

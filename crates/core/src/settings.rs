@@ -61,6 +61,8 @@ pub struct RouterSettings {
     pub max_request_bytes: usize,
     /// Model name reported by ModelInfo and in telemetry; empty = the model directory's name.
     pub model_id: String,
+    /// Reuse the latent cache of shared prompt prefixes across requests.
+    pub prefix_caching: bool,
     /// Prometheus `/metrics` HTTP address; empty = off.
     pub metrics_listen: String,
     /// Seconds in-flight streams may take to finish after SIGTERM before the router exits.
@@ -83,6 +85,7 @@ impl Default for RouterSettings {
             max_stop_sequences: 8,
             max_request_bytes: 4 << 20,
             model_id: String::new(),
+            prefix_caching: true,
             metrics_listen: String::new(),
             drain_timeout_secs: 30,
         }

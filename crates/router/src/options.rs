@@ -26,6 +26,8 @@ pub struct RouterOptions {
     pub max_stop_length: usize,
     /// Largest encoded request accepted, in bytes.
     pub max_request_bytes: usize,
+    /// Reuse cached latent blocks of shared prompt prefixes.
+    pub prefix_caching: bool,
     /// Free blocks kept back when admitting new sequences, so running ones can grow.
     pub admission_watermark_blocks: usize,
     /// Pause between reconnection attempts when the pipeline is down.
@@ -55,6 +57,7 @@ impl Default for RouterOptions {
             max_stop_sequences: 8,
             max_stop_length: 256,
             max_request_bytes: 4 << 20,
+            prefix_caching: true,
             admission_watermark_blocks: 1,
             reconnect_interval: Duration::from_millis(500),
             drain_timeout: Duration::from_secs(30),

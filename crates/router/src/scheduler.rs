@@ -50,6 +50,8 @@ pub struct Snapshot {
     pub waiting: usize,
     pub steps_in_flight: usize,
     pub preemptions: u64,
+    pub prefix: mlaserve_core::blocks::PrefixStats,
+    pub cached_blocks: usize,
 }
 
 /// Cheap handle used by the gRPC service.
@@ -133,9 +135,25 @@ struct Seq {
     /// The request's span, and its queue-wait child while waiting for admission.
     span: tracing::Span,
     queue_span: Option<tracing::Span>,
+    /// Hash chain of the full blocks of `tokens` (prefix caching), and how many of the sequence's
+    /// blocks are registered in the allocator.
+    block_hashes: Vec<u64>,
+    registered_blocks: usize,
+    /// Prompt tokens found in the prefix cache at first admission.
+    cached_prompt: usize,
 }
 
 impl Seq {
+    /// Extends `block_hashes` over the full blocks of `tokens`.
+    fn sync_hashes(&mut self, bs: usize) {
+        let full = self.tokens.len() / bs;
+        let mut parent = self.block_hashes.last().copied().unwrap_or(0);
+        for b in self.block_hashes.len()..full {
+            parent = mlaserve_core::blocks::block_hash(parent, &self.tokens[b * bs..(b + 1) * bs]);
+            self.block_hashes.push(parent);
+        }
+    }
+
     fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
     }
@@ -293,6 +311,8 @@ impl Scheduler {
             waiting: self.waiting.len(),
             steps_in_flight: self.in_flight.len(),
             preemptions: self.preemptions,
+            prefix: self.alloc.prefix_stats().clone(),
+            cached_blocks: self.alloc.num_cached(),
         }
     }
 
@@ -309,6 +329,9 @@ impl Scheduler {
         let seq = Seq {
             span,
             queue_span: Some(queue_span),
+            block_hashes: vec![],
+            registered_blocks: 0,
+            cached_prompt: 0,
             id,
             detok: IncrementalDetokenizer::new(tail, true),
             stop: StopMatcher::new(req.stop.clone()),
@@ -457,6 +480,34 @@ impl Scheduler {
         }
     }
 
+    /// Gives back the blocks a not-yet-running sequence took (it stays queued).
+    fn release_table(&mut self, seq: &mut Seq) {
+        if let Err(e) = self.alloc.release(&seq.table) {
+            tracing::error!(seq = seq.id, "block release failed: {e}");
+        }
+        seq.table.clear();
+        seq.cached = 0;
+        seq.registered_blocks = 0;
+    }
+
+    /// Registers the sequence's newly completed full blocks for prefix reuse.
+    fn register_blocks(&mut self, id: u64) {
+        if !self.opts.prefix_caching {
+            return;
+        }
+        let bs = self.alloc.block_size();
+        let seq = self.running.get_mut(&id).expect("running");
+        let full = seq.cached / bs;
+        if full > seq.registered_blocks {
+            seq.sync_hashes(bs);
+            self.alloc.register(
+                &seq.block_hashes[seq.registered_blocks..full],
+                &seq.table[seq.registered_blocks..full],
+            );
+            seq.registered_blocks = full;
+        }
+    }
+
     fn preempt(&mut self, id: u64) {
         let mut seq = self.running.remove(&id).expect("running");
         tracing::info!(seq = id, tokens = seq.tokens.len(), "preempting (will recompute)");
@@ -472,6 +523,7 @@ impl Scheduler {
         seq.cached = 0;
         seq.sent_blocks = 0;
         seq.registered = false;
+        seq.registered_blocks = 0;
         self.waiting.push_front(seq);
     }
 
@@ -524,19 +576,31 @@ impl Scheduler {
         }
         // Admit new sequences in arrival order; none may overtake the head of the queue.
         while budget > 0 && self.running.len() < self.opts.max_running {
-            let Some(head) = self.waiting.front() else { break };
-            let n = head.tokens.len().min(budget);
-            let need = blocks_for(n, self.alloc.block_size());
-            if self.alloc.num_free() < need + self.opts.admission_watermark_blocks.min(self.alloc.num_free())
-            {
-                break;
+            let Some(mut seq) = self.waiting.pop_front() else { break };
+            // Cached blocks of the same prefix are taken instead of recomputed (at least the last
+            // token is always computed: it yields the logits).
+            let bs = self.alloc.block_size();
+            if self.opts.prefix_caching && seq.table.is_empty() {
+                seq.sync_hashes(bs);
+                let shared = self.alloc.match_prefix(&seq.block_hashes, (seq.tokens.len() - 1) / bs);
+                seq.cached = shared.len() * bs;
+                seq.registered_blocks = shared.len();
+                seq.table = shared;
+                if seq.first_scheduled.is_none() {
+                    seq.cached_prompt = seq.cached;
+                }
             }
-            let mut seq = self.waiting.pop_front().expect("head exists");
-            self.dequeued(&mut seq);
-            if self.alloc.ensure_capacity(&mut seq.table, n).is_err() {
+            let n = (seq.tokens.len() - seq.cached).min(budget);
+            let need = blocks_for(seq.cached + n, bs).saturating_sub(seq.table.len());
+            let free = self.alloc.num_free();
+            if free < need + self.opts.admission_watermark_blocks.min(free)
+                || self.alloc.ensure_capacity(&mut seq.table, seq.cached + n).is_err()
+            {
+                self.release_table(&mut seq);
                 self.waiting.push_front(seq);
                 break;
             }
+            self.dequeued(&mut seq);
             if seq.first_scheduled.is_none() {
                 let now = Instant::now();
                 seq.first_scheduled = Some(now);
@@ -598,6 +662,12 @@ impl Scheduler {
                 }),
                 pos_offset: 0,
                 prompt_len: s.prompt_len as u32,
+                // Penalties need the tokens a prefix-cache hit skipped.
+                cached_tokens: if s.req.sampling.has_penalties() {
+                    s.tokens[..s.cached].to_vec()
+                } else {
+                    vec![]
+                },
             });
             seqs.push(SeqWork {
                 seq_id: id,
@@ -649,6 +719,8 @@ impl Scheduler {
             let Some(seq) = self.running.get_mut(&id) else { continue };
             seq.in_flight = false;
             seq.cached += n;
+            self.register_blocks(id);
+            let Some(seq) = self.running.get_mut(&id) else { continue };
             if seq.gone(now).is_some() {
                 continue; // reaped before the next step
             }
@@ -737,7 +809,7 @@ impl Scheduler {
             Usage {
                 prompt_tokens: seq.prompt_len as u32,
                 completion_tokens: seq.generated() as u32,
-                cached_prompt_tokens: 0,
+                cached_prompt_tokens: seq.cached_prompt as u32,
                 queue_seconds: secs(seq.first_scheduled),
                 time_to_first_token_seconds: secs(seq.first_token),
                 total_seconds: now.duration_since(seq.req.arrival).as_secs_f64(),

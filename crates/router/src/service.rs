@@ -204,9 +204,9 @@ impl Generation for GenerationService {
             block_size: geometry.block_size as u32,
             running_sequences: snap.running as u32,
             waiting_sequences: snap.waiting as u32,
-            prefix_cache_hits: 0,
-            prefix_cache_queries: 0,
-            prefix_cached_blocks: 0,
+            prefix_cache_hits: snap.prefix.hits,
+            prefix_cache_queries: snap.prefix.queries,
+            prefix_cached_blocks: snap.cached_blocks as u32,
             speculative_decoding: false,
         }))
     }

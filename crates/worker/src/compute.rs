@@ -187,10 +187,14 @@ impl StageEngine {
                         w.seq_id, s.cached, w.cached
                     )))
                 }
-                (None, Some(_)) if w.cached != 0 => {
+                (None, Some(setup))
+                    if !setup.cached_tokens.is_empty() && setup.cached_tokens.len() != w.cached as usize =>
+                {
                     return Err(StageError::invalid(format!(
-                        "sequence {}: a new sequence starts with 0 cached tokens",
-                        w.seq_id
+                        "sequence {}: {} cached tokens listed for {} cached",
+                        w.seq_id,
+                        setup.cached_tokens.len(),
+                        w.cached
                     )))
                 }
                 _ => {}
@@ -201,15 +205,16 @@ impl StageEngine {
         for w in &step.seqs {
             if let Some(setup) = &w.setup {
                 let params = setup.sampling.as_ref().map(sampling_from_wire).unwrap_or_default();
+                // A prefix-cache hit starts with `cached` tokens already in the (shared) blocks.
                 self.registry.insert(
                     w.seq_id,
                     SeqState {
                         block_table: vec![],
-                        cached: 0,
+                        cached: w.cached as usize,
                         pos_offset: setup.pos_offset as usize,
                         prompt_len: setup.prompt_len as usize,
                         params,
-                        history: vec![],
+                        history: setup.cached_tokens.clone(),
                     },
                 );
             }

@@ -53,6 +53,9 @@ pub struct Limits {
     /// Seconds to let streams finish after SIGTERM [router.drain_timeout_secs, default 30].
     #[arg(long)]
     pub drain_timeout_secs: Option<u64>,
+    /// Reuse cached prefixes across requests: true or false [router.prefix_caching, default true].
+    #[arg(long)]
+    pub prefix_caching: Option<bool>,
 }
 
 impl Limits {
@@ -66,6 +69,7 @@ impl Limits {
         o.set("router.model_id", self.model_id.clone());
         o.set("router.metrics_listen", self.metrics_listen.clone());
         o.set("router.drain_timeout_secs", self.drain_timeout_secs);
+        o.set("router.prefix_caching", self.prefix_caching);
     }
 }
 
@@ -89,6 +93,7 @@ pub fn router_options(s: &Settings, stages: Vec<String>, model: &Path) -> anyhow
         max_stop_sequences: r.max_stop_sequences,
         max_request_bytes: r.max_request_bytes,
         drain_timeout: Duration::from_secs(r.drain_timeout_secs),
+        prefix_caching: r.prefix_caching,
         model_id,
         stage_tls: stage_tls(s)?,
         server_tls: server_tls(s)?,
