@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let files = ["mlaserve/v1/generation.proto", "mlaserve/internal/v1/stage.proto"];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());

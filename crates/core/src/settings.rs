@@ -63,6 +63,9 @@ pub struct RouterSettings {
     pub model_id: String,
     /// Reuse the latent cache of shared prompt prefixes across requests.
     pub prefix_caching: bool,
+    /// Speculative decoding: "off", or "mtp" (the checkpoint's MTP module drafts one token per step,
+    /// verified in the same forward; requests with penalties do not speculate).
+    pub speculative: String,
     /// Prometheus `/metrics` HTTP address; empty = off.
     pub metrics_listen: String,
     /// Seconds in-flight streams may take to finish after SIGTERM before the router exits.
@@ -86,6 +89,7 @@ impl Default for RouterSettings {
             max_request_bytes: 4 << 20,
             model_id: String::new(),
             prefix_caching: true,
+            speculative: "off".into(),
             metrics_listen: String::new(),
             drain_timeout_secs: 30,
         }
@@ -277,6 +281,12 @@ impl Settings {
         positive("router.max_request_bytes", r.max_request_bytes)?;
         if r.default_max_new_tokens > r.max_new_tokens {
             return Err(bad("router.default_max_new_tokens", "exceeds router.max_new_tokens"));
+        }
+        if !matches!(r.speculative.as_str(), "off" | "mtp") {
+            return Err(bad(
+                "router.speculative",
+                format!("must be \"off\" or \"mtp\", got {:?}", r.speculative),
+            ));
         }
         if let Some(s) = r.stages.iter().find(|s| s.trim().is_empty() || s.contains(char::is_whitespace)) {
             return Err(bad("router.stages", format!("{s:?} is not a host:port address")));

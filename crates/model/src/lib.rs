@@ -21,6 +21,7 @@ pub mod pool;
 pub mod profile;
 pub mod rope;
 pub mod sampling;
+pub mod speculative;
 pub mod weights;
 
 pub use attention::PrefillForm;

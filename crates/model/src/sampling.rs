@@ -66,25 +66,30 @@ impl Sampler {
             } else {
                 draw(&processed, p, row.generated)
             };
-            let (logprob, top) = if p.wants_logprobs() {
-                let lp = raw.log_softmax(-1, Kind::Float);
-                let chosen = lp.double_value(&[token as i64]) as f32;
-                let top = if p.top_logprobs > 0 {
-                    let (v, ix) = lp.topk(p.top_logprobs as i64, -1, true, true);
-                    let v: Vec<f32> = Vec::try_from(v)?;
-                    let ix: Vec<i64> = Vec::try_from(ix)?;
-                    ix.into_iter().map(|t| t as u32).zip(v).collect()
-                } else {
-                    vec![]
-                };
-                (chosen, top)
-            } else {
-                (0.0, vec![])
-            };
+            let (logprob, top) = logprob_info(&raw, token, p)?;
             out.push(SampleOutput { token, logprob, top });
         }
         Ok(out)
     }
+}
+
+/// Log-probability of `token` under the raw distribution `raw [V]` and the most likely
+/// alternatives, as far as `p` asks for them (zero and none otherwise).
+pub fn logprob_info(raw: &Tensor, token: u32, p: &SamplingParams) -> Result<(f32, Vec<(u32, f32)>)> {
+    if !p.wants_logprobs() {
+        return Ok((0.0, vec![]));
+    }
+    let lp = raw.to_kind(Kind::Float).log_softmax(-1, Kind::Float);
+    let chosen = lp.double_value(&[token as i64]) as f32;
+    let top = if p.top_logprobs > 0 {
+        let (v, ix) = lp.topk(p.top_logprobs as i64, -1, true, true);
+        let v: Vec<f32> = Vec::try_from(v)?;
+        let ix: Vec<i64> = Vec::try_from(ix)?;
+        ix.into_iter().map(|t| t as u32).zip(v).collect()
+    } else {
+        vec![]
+    };
+    Ok((chosen, top))
 }
 
 fn apply_penalties(raw: &Tensor, p: &SamplingParams, prompt: &[u32], output: &[u32]) -> Tensor {

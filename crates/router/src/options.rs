@@ -28,6 +28,8 @@ pub struct RouterOptions {
     pub max_request_bytes: usize,
     /// Reuse cached latent blocks of shared prompt prefixes.
     pub prefix_caching: bool,
+    /// Speculative decoding with the MTP module as the draft (when the last stage holds it).
+    pub speculative: bool,
     /// Free blocks kept back when admitting new sequences, so running ones can grow.
     pub admission_watermark_blocks: usize,
     /// Pause between reconnection attempts when the pipeline is down.
@@ -58,6 +60,7 @@ impl Default for RouterOptions {
             max_stop_length: 256,
             max_request_bytes: 4 << 20,
             prefix_caching: true,
+            speculative: false,
             admission_watermark_blocks: 1,
             reconnect_interval: Duration::from_millis(500),
             drain_timeout: Duration::from_secs(30),

@@ -52,6 +52,9 @@ pub struct Snapshot {
     pub preemptions: u64,
     pub prefix: mlaserve_core::blocks::PrefixStats,
     pub cached_blocks: usize,
+    pub speculative: bool,
+    pub drafts_proposed: u64,
+    pub drafts_accepted: u64,
 }
 
 /// Cheap handle used by the gRPC service.
@@ -141,6 +144,9 @@ struct Seq {
     registered_blocks: usize,
     /// Prompt tokens found in the prefix cache at first admission.
     cached_prompt: usize,
+    /// Speculative decoding: asked for, and the draft to verify in the next step.
+    speculative: bool,
+    draft: Option<u32>,
 }
 
 impl Seq {
@@ -170,7 +176,8 @@ impl Seq {
 }
 
 struct InFlight {
-    seqs: Vec<(u64, usize, bool)>,
+    /// (sequence, tokens sent, sampled, draft verified)
+    seqs: Vec<(u64, usize, bool, bool)>,
     /// The step's span, open until its result arrives.
     _span: tracing::Span,
     sent: Instant,
@@ -203,6 +210,10 @@ pub struct Scheduler {
     reconnecting: bool,
     metrics: RouterMetrics,
     tracing_on: bool,
+    /// The last stage holds an MTP module (speculation possible).
+    mtp_available: bool,
+    drafts_proposed: u64,
+    drafts_accepted: u64,
 }
 
 type Connected = (u64, Vec<StageEndpoint>, CacheGeometry, Pipeline);
@@ -255,6 +266,9 @@ impl Scheduler {
             reconnecting: false,
             metrics,
             tracing_on,
+            mtp_available: false,
+            drafts_proposed: 0,
+            drafts_accepted: 0,
             opts,
         };
         tokio::spawn(s.run(cmd_rx, events_rx, connected_rx));
@@ -313,6 +327,9 @@ impl Scheduler {
             preemptions: self.preemptions,
             prefix: self.alloc.prefix_stats().clone(),
             cached_blocks: self.alloc.num_cached(),
+            speculative: self.opts.speculative && self.mtp_available,
+            drafts_proposed: self.drafts_proposed,
+            drafts_accepted: self.drafts_accepted,
         }
     }
 
@@ -332,6 +349,8 @@ impl Scheduler {
             block_hashes: vec![],
             registered_blocks: 0,
             cached_prompt: 0,
+            speculative: self.opts.speculative && !req.sampling.has_penalties(),
+            draft: None,
             id,
             detok: IncrementalDetokenizer::new(tail, true),
             stop: StopMatcher::new(req.stop.clone()),
@@ -524,6 +543,7 @@ impl Scheduler {
         seq.sent_blocks = 0;
         seq.registered = false;
         seq.registered_blocks = 0;
+        seq.draft = None;
         self.waiting.push_front(seq);
     }
 
@@ -547,11 +567,21 @@ impl Scheduler {
             if !self.running.contains_key(&id) {
                 continue; // preempted while making room for an earlier one
             }
-            let need = self.running[&id].cached + 1;
+            // With a draft, the step feeds [last token, draft] and verifies it; only when two more
+            // tokens are wanted and fit.
+            let s = &self.running[&id];
+            let room = s
+                .req
+                .max_new_tokens
+                .saturating_sub(s.generated())
+                .min(self.max_total_tokens - s.tokens.len());
+            let verify = s.draft.is_some() && room >= 2 && budget >= 2 && self.mtp_available;
+            let n = if verify { 2 } else { 1 };
+            let need = s.cached + n;
             if self.grow(id, need, &busy) {
-                work.push((id, 1));
+                work.push((id, n));
                 busy.insert(id);
-                budget -= 1;
+                budget -= n;
             }
         }
         // Continue partial prefills.
@@ -646,7 +676,15 @@ impl Scheduler {
             InFlight { seqs: Vec::with_capacity(work.len()), _span: span, sent: Instant::now() };
         for (id, n) in work {
             let s = self.running.get_mut(&id).expect("running");
-            let sample = s.cached + n == s.tokens.len();
+            // A decode of two tokens is a verification: the last token and the draft.
+            let verify = s.cached + 1 == s.tokens.len() && n == 2;
+            let sample = verify || s.cached + n == s.tokens.len();
+            let token_ids = if verify {
+                vec![s.tokens[s.cached], s.draft.take().expect("verification has a draft")]
+            } else {
+                s.draft = None;
+                s.tokens[s.cached..s.cached + n].to_vec()
+            };
             let setup = (!s.registered).then_some(SequenceSetup {
                 sampling: Some(SamplingSettings {
                     temperature: s.req.sampling.temperature,
@@ -668,19 +706,21 @@ impl Scheduler {
                 } else {
                     vec![]
                 },
+                speculative: s.speculative && self.mtp_available,
             });
             seqs.push(SeqWork {
                 seq_id: id,
                 cached: s.cached as u32,
-                token_ids: s.tokens[s.cached..s.cached + n].to_vec(),
+                token_ids,
                 new_blocks: s.table[s.sent_blocks..].to_vec(),
                 sample,
                 setup,
+                verify_draft: verify,
             });
             s.sent_blocks = s.table.len();
             s.registered = true;
             s.in_flight = true;
-            inflight.seqs.push((id, n, sample));
+            inflight.seqs.push((id, n, sample, verify));
         }
         let step = Step {
             step_id,
@@ -704,7 +744,7 @@ impl Scheduler {
         if let Some(err) = r.error {
             let status = Status::new(Code::from_i32(err.code), format!("step failed: {}", err.message));
             tracing::warn!(step = r.step_id, "{}", status.message());
-            for (id, _, _) in step.seqs {
+            for (id, ..) in step.seqs {
                 if let Some(seq) = self.running.remove(&id) {
                     // The failing stage dropped it; the others still hold it until the release.
                     self.drop_seq(seq, status.clone());
@@ -712,36 +752,52 @@ impl Scheduler {
             }
             return;
         }
-        let sampled: HashMap<u64, &mlaserve_proto::internal::v1::SampledToken> =
-            r.tokens.iter().map(|t| (t.seq_id, t)).collect();
+        let mut sampled: HashMap<u64, Vec<&mlaserve_proto::internal::v1::SampledToken>> = HashMap::new();
+        for t in &r.tokens {
+            sampled.entry(t.seq_id).or_default().push(t);
+        }
+        let drafts: HashMap<u64, u32> = r.drafts.iter().map(|d| (d.seq_id, d.token_id)).collect();
         let now = Instant::now();
-        for (id, n, sample) in step.seqs {
+        for (id, n, sample, verify) in step.seqs {
             let Some(seq) = self.running.get_mut(&id) else { continue };
             seq.in_flight = false;
-            seq.cached += n;
-            self.register_blocks(id);
-            let Some(seq) = self.running.get_mut(&id) else { continue };
             if seq.gone(now).is_some() {
                 continue; // reaped before the next step
             }
             if !sample {
+                seq.cached += n;
+                self.register_blocks(id);
                 continue;
             }
-            let Some(t) = sampled.get(&id) else {
+            let Some(toks) = sampled.get(&id) else {
                 let seq = self.running.remove(&id).expect("present");
                 self.drop_seq(seq, Status::internal("the last stage returned no token for a sequence"));
                 continue;
             };
-            let finished = self.emit(id, t, now);
-            if finished {
+            if verify {
+                self.metrics.drafts.add(1, &self.metrics.base);
+                self.drafts_proposed += 1;
+                if toks.len() == 2 {
+                    self.metrics.drafts_accepted.add(1, &self.metrics.base);
+                    self.drafts_accepted += 1;
+                }
+            }
+            if self.emit(id, toks, now) {
                 let seq = self.running.remove(&id).expect("present");
                 self.free(seq);
+                continue;
             }
+            // Everything but the newest token is cached (a rejected draft's slot is not).
+            let seq = self.running.get_mut(&id).expect("present");
+            seq.cached = seq.tokens.len() - 1;
+            seq.draft = drafts.get(&id).copied();
+            self.register_blocks(id);
         }
     }
 
-    /// Appends a sampled token, streams its text; returns whether the sequence is done.
-    fn emit(&mut self, id: u64, t: &mlaserve_proto::internal::v1::SampledToken, now: Instant) -> bool {
+    /// Appends a step's sampled tokens (two after an accepted draft) and streams them as one
+    /// message; tokens after a finishing one are dropped. Returns whether the sequence is done.
+    fn emit(&mut self, id: u64, toks: &[&mlaserve_proto::internal::v1::SampledToken], now: Instant) -> bool {
         let tok = self.tok.clone();
         let max_total = self.max_total_tokens;
         let seq = self.running.get_mut(&id).expect("present");
@@ -749,59 +805,65 @@ impl Scheduler {
             seq.first_token = Some(now);
             tracing::info!(parent: &seq.span, "first_token");
         }
-        let token = t.token_id;
-        seq.tokens.push(token);
-        let is_eos = seq.req.eos_token_ids.contains(&token);
-        let is_stop_token = seq.req.stop_token_ids.contains(&token);
+        let mut token_ids = Vec::with_capacity(toks.len());
+        let mut logprobs = Vec::new();
         let mut text = String::new();
         let mut finish = None;
         let mut stop_reason = String::new();
-        if !is_eos && !is_stop_token {
-            match seq.detok.push(&tok, token) {
-                Ok(delta) => {
-                    let out = seq.stop.push(&delta);
-                    text = out.emit;
-                    if let Some(s) = out.stopped {
-                        finish = Some(FinishReason::Stop);
-                        stop_reason = s;
+        for t in toks {
+            let token = t.token_id;
+            seq.tokens.push(token);
+            token_ids.push(token);
+            let is_eos = seq.req.eos_token_ids.contains(&token);
+            let is_stop_token = seq.req.stop_token_ids.contains(&token);
+            if !is_eos && !is_stop_token {
+                match seq.detok.push(&tok, token) {
+                    Ok(delta) => {
+                        let out = seq.stop.push(&delta);
+                        text.push_str(&out.emit);
+                        if let Some(s) = out.stopped {
+                            finish = Some(FinishReason::Stop);
+                            stop_reason = s;
+                        }
                     }
+                    Err(e) => tracing::warn!(seq = id, "detokenisation failed: {e}"),
                 }
-                Err(e) => tracing::warn!(seq = id, "detokenisation failed: {e}"),
             }
-        }
-        if finish.is_none() {
-            if is_eos {
-                finish = Some(FinishReason::Eos);
-            } else if is_stop_token {
-                finish = Some(FinishReason::Stop);
-                stop_reason = tok.token_text(token);
-            } else if seq.generated() >= seq.req.max_new_tokens || seq.tokens.len() >= max_total {
-                finish = Some(FinishReason::Length);
+            if finish.is_none() {
+                if is_eos {
+                    finish = Some(FinishReason::Eos);
+                } else if is_stop_token {
+                    finish = Some(FinishReason::Stop);
+                    stop_reason = tok.token_text(token);
+                } else if seq.generated() >= seq.req.max_new_tokens || seq.tokens.len() >= max_total {
+                    finish = Some(FinishReason::Length);
+                }
+                if finish.is_some() {
+                    if let Ok(rest) = seq.detok.finish(&tok) {
+                        text.push_str(&seq.stop.push(&rest).emit);
+                    }
+                    text.push_str(&seq.stop.flush());
+                }
+            }
+            if seq.req.sampling.wants_logprobs() {
+                logprobs.push(TokenLogprob {
+                    token_id: token,
+                    logprob: t.logprob,
+                    top: t
+                        .top
+                        .iter()
+                        .map(|x| TopLogprob {
+                            token_id: x.token_id,
+                            logprob: x.logprob,
+                            text: tok.token_text(x.token_id),
+                        })
+                        .collect(),
+                });
             }
             if finish.is_some() {
-                if let Ok(rest) = seq.detok.finish(&tok) {
-                    text.push_str(&seq.stop.push(&rest).emit);
-                }
-                text.push_str(&seq.stop.flush());
+                break;
             }
         }
-        let logprobs = if seq.req.sampling.wants_logprobs() {
-            vec![TokenLogprob {
-                token_id: token,
-                logprob: t.logprob,
-                top: t
-                    .top
-                    .iter()
-                    .map(|x| TopLogprob {
-                        token_id: x.token_id,
-                        logprob: x.logprob,
-                        text: tok.token_text(x.token_id),
-                    })
-                    .collect(),
-            }]
-        } else {
-            vec![]
-        };
         let usage = finish.map(|_| {
             let secs = |t: Option<Instant>| {
                 t.map(|t| t.duration_since(seq.req.arrival).as_secs_f64()).unwrap_or(0.0)
@@ -815,7 +877,7 @@ impl Scheduler {
                 total_seconds: now.duration_since(seq.req.arrival).as_secs_f64(),
             }
         });
-        self.metrics.generated_tokens.add(1, &self.metrics.base);
+        self.metrics.generated_tokens.add(token_ids.len() as u64, &self.metrics.base);
         if let Some(reason) = finish {
             let reason_name = match reason {
                 FinishReason::Length => "length",
@@ -841,7 +903,7 @@ impl Scheduler {
         }
         let msg = GenerateResponse {
             request_id: seq.req.request_id.clone(),
-            token_ids: vec![token],
+            token_ids,
             text,
             logprobs,
             finish_reason: finish.unwrap_or(FinishReason::Unspecified) as i32,
@@ -885,6 +947,10 @@ impl Scheduler {
         self.alloc = BlockAllocator::new(geometry.num_blocks, geometry.block_size);
         self.max_total_tokens = self.base_max_total.min(geometry.num_blocks * geometry.block_size);
         self.max_total_shared.store(self.max_total_tokens, Ordering::SeqCst);
+        self.mtp_available = stages.last().is_some_and(|s| s.info.has_mtp);
+        if self.opts.speculative && !self.mtp_available {
+            tracing::warn!("speculative decoding asked for, but the last stage holds no MTP module");
+        }
         self.stages = stages;
         self.geometry = Some(geometry);
         self.pipeline = Some(pipeline);

@@ -207,7 +207,9 @@ impl Generation for GenerationService {
             prefix_cache_hits: snap.prefix.hits,
             prefix_cache_queries: snap.prefix.queries,
             prefix_cached_blocks: snap.cached_blocks as u32,
-            speculative_decoding: false,
+            speculative_decoding: snap.speculative,
+            speculative_drafts: snap.drafts_proposed,
+            speculative_accepted: snap.drafts_accepted,
         }))
     }
 }

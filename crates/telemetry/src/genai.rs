@@ -40,6 +40,8 @@ pub struct RouterMetrics {
     pub generated_tokens: Counter<u64>,
     pub requests: Counter<u64>,
     pub preemptions: Counter<u64>,
+    pub drafts: Counter<u64>,
+    pub drafts_accepted: Counter<u64>,
     pub running: Gauge<u64>,
     pub waiting: Gauge<u64>,
     pub blocks_used: Gauge<u64>,
@@ -93,6 +95,14 @@ impl RouterMetrics {
             preemptions: meter
                 .u64_counter("mlaserve.preemptions")
                 .with_description("Sequences preempted for recompute")
+                .build(),
+            drafts: meter
+                .u64_counter("mlaserve.speculative.drafts")
+                .with_description("MTP drafts verified")
+                .build(),
+            drafts_accepted: meter
+                .u64_counter("mlaserve.speculative.accepted")
+                .with_description("MTP drafts accepted")
                 .build(),
             running: meter
                 .u64_gauge("mlaserve.sequences.running")

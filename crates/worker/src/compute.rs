@@ -5,13 +5,12 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use mlaserve_core::SamplingParams;
-use mlaserve_model::sampling::SampleRow;
 use mlaserve_model::{LatentCache, Model, Sampler, SeqStep};
-use mlaserve_proto::internal::v1::{HiddenStates, SampledToken, SamplingSettings, Step, TopToken};
-use tch::Tensor;
+use mlaserve_proto::internal::v1::{HiddenStates, SamplingSettings, Step};
 use tokio::sync::oneshot;
 
 use crate::error::StageError;
+use crate::head::{self, may_speculate, HeadOutput};
 use crate::hidden;
 use crate::registry::{Registry, SeqState};
 
@@ -19,8 +18,8 @@ use crate::registry::{Registry, SeqState};
 pub enum StepOutput {
     /// Hidden states for the next stage.
     Hidden(HiddenStates),
-    /// Sampled tokens (last stage).
-    Tokens(Vec<SampledToken>),
+    /// Sampled tokens and drafts (last stage).
+    Tokens(HeadOutput),
     /// A step without sequences (only releases).
     Empty,
 }
@@ -161,6 +160,12 @@ impl StageEngine {
             if w.token_ids.is_empty() {
                 return Err(StageError::invalid(format!("sequence {} has no new tokens", w.seq_id)));
             }
+            if w.verify_draft && (w.token_ids.len() != 2 || !w.sample) {
+                return Err(StageError::invalid(format!(
+                    "sequence {}: a verification sends the last token and the draft, and samples",
+                    w.seq_id
+                )));
+            }
             if let Some(&b) = w.new_blocks.iter().find(|&&b| b >= num_blocks) {
                 return Err(StageError::invalid(format!(
                     "sequence {}: block {b} is outside the cache ({num_blocks} blocks)",
@@ -181,6 +186,8 @@ impl StageEngine {
                         self.model.layer_range()
                     )))
                 }
+                // After a verification the router may take back the rejected draft's slot.
+                (Some(s), None) if s.rollback_allowed && w.cached as usize + 1 == s.cached => {}
                 (Some(s), None) if s.cached != w.cached as usize => {
                     return Err(StageError::failed_precondition(format!(
                         "sequence {}: {} tokens cached here, step says {}",
@@ -213,12 +220,18 @@ impl StageEngine {
                         cached: w.cached as usize,
                         pos_offset: setup.pos_offset as usize,
                         prompt_len: setup.prompt_len as usize,
+                        speculative: setup.speculative && self.model.has_mtp() && may_speculate(&params),
                         params,
                         history: setup.cached_tokens.clone(),
+                        rollback_allowed: false,
+                        mtp_cached: w.cached as usize,
+                        pending_hidden: None,
+                        draft: None,
                     },
                 );
             }
             let s = self.registry.get_mut(w.seq_id).expect("registered above");
+            s.cached = w.cached as usize;
             s.block_table.extend_from_slice(&w.new_blocks);
             seq_steps.push(SeqStep {
                 cached: s.cached,
@@ -251,6 +264,7 @@ impl StageEngine {
         for w in &step.seqs {
             let s = self.registry.get_mut(w.seq_id).expect("registered");
             s.cached += w.token_ids.len();
+            s.rollback_allowed = w.verify_draft;
             if s.keeps_history() {
                 s.history.extend_from_slice(&w.token_ids);
             }
@@ -258,44 +272,8 @@ impl StageEngine {
         if !self.model.is_last() {
             return Ok(StepOutput::Hidden(hidden::encode(&x)));
         }
-        let sampled: Vec<usize> = (0..step.seqs.len()).filter(|&i| step.seqs[i].sample).collect();
-        if sampled.is_empty() {
-            return Ok(StepOutput::Tokens(vec![]));
-        }
-        let rows: Vec<i64> = sampled.iter().map(|&i| plan.last_rows[i]).collect();
-        let h =
-            self.model.final_norm(&x.index_select(0, &Tensor::from_slice(&rows).to_device(x.device())))?;
-        let logits = self.model.logits(&h)?;
-        let states: Vec<&SeqState> =
-            sampled.iter().map(|&i| self.registry.get(step.seqs[i].seq_id).expect("registered")).collect();
-        let rows: Vec<SampleRow> = states
-            .iter()
-            .map(|s| {
-                let split = s.prompt_len.min(s.history.len());
-                SampleRow {
-                    params: &s.params,
-                    prompt: &s.history[..split],
-                    output: &s.history[split..],
-                    generated: s.cached.saturating_sub(s.prompt_len) as u64,
-                }
-            })
-            .collect();
-        let outs = self.sampler.sample(&logits, &rows)?;
-        Ok(StepOutput::Tokens(
-            sampled
-                .iter()
-                .zip(outs)
-                .map(|(&i, o)| SampledToken {
-                    seq_id: step.seqs[i].seq_id,
-                    token_id: o.token,
-                    logprob: o.logprob,
-                    top: o
-                        .top
-                        .into_iter()
-                        .map(|(token_id, logprob)| TopToken { token_id, logprob })
-                        .collect(),
-                })
-                .collect(),
-        ))
+        let out =
+            head::run(&self.model, &mut self.cache, &mut self.registry, &self.sampler, step, &plan, &x)?;
+        Ok(StepOutput::Tokens(out))
     }
 }

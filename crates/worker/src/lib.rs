@@ -5,6 +5,7 @@
 
 pub mod compute;
 pub mod error;
+pub mod head;
 pub mod hidden;
 pub mod registry;
 pub mod server;

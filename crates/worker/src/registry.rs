@@ -4,8 +4,9 @@
 use std::collections::HashMap;
 
 use mlaserve_core::SamplingParams;
+use mlaserve_model::speculative::Draft;
+use tch::Tensor;
 
-#[derive(Debug, Clone)]
 pub struct SeqState {
     pub block_table: Vec<u32>,
     pub cached: usize,
@@ -14,6 +15,15 @@ pub struct SeqState {
     pub params: SamplingParams,
     /// Every token fed so far (kept only when penalties need it).
     pub history: Vec<u32>,
+    /// The last step verified a draft: the next may roll `cached` back by one (rejected draft).
+    pub rollback_allowed: bool,
+    /// Speculative decoding with the MTP module (last stage only).
+    pub speculative: bool,
+    /// MTP slots in the MTP layer's cache; the final hidden state still waiting for its next token;
+    /// the draft to verify next.
+    pub mtp_cached: usize,
+    pub pending_hidden: Option<Tensor>,
+    pub draft: Option<Draft>,
 }
 
 impl SeqState {

@@ -66,9 +66,8 @@ type ResultStream = Pin<Box<dyn Stream<Item = Result<StepResult, Status>> + Send
 fn step_error(step_id: u64, e: StageError) -> StepResult {
     StepResult {
         step_id,
-        tokens: vec![],
         error: Some(StepError { code: e.code as i32, message: e.message }),
-        timings: vec![],
+        ..Default::default()
     }
 }
 
@@ -307,13 +306,19 @@ async fn forward_or_answer(
         (StepOutput::Empty, Some(down)) => {
             down.send(StageMessage { msg: Some(stage_message::Msg::Step(step)) }).await.is_ok()
         }
-        (StepOutput::Tokens(tokens), None) => {
-            up_tx.send(Ok(StepResult { step_id, tokens, error: None, timings: vec![timing] })).await.is_ok()
-        }
-        (StepOutput::Empty, None) => up_tx
-            .send(Ok(StepResult { step_id, tokens: vec![], error: None, timings: vec![timing] }))
+        (StepOutput::Tokens(out), None) => up_tx
+            .send(Ok(StepResult {
+                step_id,
+                tokens: out.tokens,
+                drafts: out.drafts,
+                error: None,
+                timings: vec![timing],
+            }))
             .await
             .is_ok(),
+        (StepOutput::Empty, None) => {
+            up_tx.send(Ok(StepResult { step_id, timings: vec![timing], ..Default::default() })).await.is_ok()
+        }
         _ => up_tx
             .send(Ok(step_error(step_id, StageError::internal("stage output does not match its position"))))
             .await

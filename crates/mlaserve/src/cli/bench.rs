@@ -98,6 +98,11 @@ pub struct Report {
     pub ttft_secs: Percentiles,
     pub tpot_secs: Percentiles,
     pub e2e_secs: Percentiles,
+    /// MTP drafts verified during the run and how many were accepted (server counters).
+    pub speculative_drafts: u64,
+    pub speculative_accepted: u64,
+    /// Prompt blocks found in the prefix cache during the run.
+    pub prefix_cache_hits: u64,
 }
 
 struct Sample {
@@ -220,6 +225,7 @@ pub async fn run_bench(a: &Args, quiet: bool) -> anyhow::Result<Report> {
             pb.inc(1);
         }
     };
+    let before = client.model_info(ModelInfoRequest {}).await?.into_inner();
     let started = Instant::now();
     let mode;
     if let Some(rate) = a.rate {
@@ -264,6 +270,7 @@ pub async fn run_bench(a: &Args, quiet: bool) -> anyhow::Result<Report> {
     }
     let duration = started.elapsed().as_secs_f64();
     pb.finish_and_clear();
+    let after = client.model_info(ModelInfoRequest {}).await?.into_inner();
     let c = std::mem::take(&mut *collected.lock().expect("lock"));
     let prompt_tokens: u64 = c.samples.iter().map(|s| s.prompt).sum();
     let output_tokens: u64 = c.samples.iter().map(|s| s.output).sum();
@@ -282,6 +289,9 @@ pub async fn run_bench(a: &Args, quiet: bool) -> anyhow::Result<Report> {
         ttft_secs: Percentiles::of(c.samples.iter().map(|s| s.ttft).collect()),
         tpot_secs: Percentiles::of(c.samples.iter().filter_map(|s| s.tpot).collect()),
         e2e_secs: Percentiles::of(c.samples.iter().map(|s| s.e2e).collect()),
+        speculative_drafts: after.speculative_drafts - before.speculative_drafts,
+        speculative_accepted: after.speculative_accepted - before.speculative_accepted,
+        prefix_cache_hits: after.prefix_cache_hits - before.prefix_cache_hits,
     })
 }
 
@@ -302,6 +312,14 @@ fn print_table(r: &Report) {
     println!("{:<10} {}", "TTFT", ms(&r.ttft_secs));
     println!("{:<10} {}", "TPOT", ms(&r.tpot_secs));
     println!("{:<10} {}", "end-to-end", ms(&r.e2e_secs));
+    if r.speculative_drafts > 0 {
+        println!(
+            "speculative: {}/{} drafts accepted ({:.1}%)",
+            r.speculative_accepted,
+            r.speculative_drafts,
+            100.0 * r.speculative_accepted as f64 / r.speculative_drafts as f64
+        );
+    }
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {

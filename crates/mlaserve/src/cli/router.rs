@@ -56,6 +56,9 @@ pub struct Limits {
     /// Reuse cached prefixes across requests: true or false [router.prefix_caching, default true].
     #[arg(long)]
     pub prefix_caching: Option<bool>,
+    /// Speculative decoding: off or mtp [router.speculative, default off].
+    #[arg(long)]
+    pub speculative: Option<String>,
 }
 
 impl Limits {
@@ -70,6 +73,7 @@ impl Limits {
         o.set("router.metrics_listen", self.metrics_listen.clone());
         o.set("router.drain_timeout_secs", self.drain_timeout_secs);
         o.set("router.prefix_caching", self.prefix_caching);
+        o.set("router.speculative", self.speculative.clone());
     }
 }
 
@@ -94,6 +98,7 @@ pub fn router_options(s: &Settings, stages: Vec<String>, model: &Path) -> anyhow
         max_request_bytes: r.max_request_bytes,
         drain_timeout: Duration::from_secs(r.drain_timeout_secs),
         prefix_caching: r.prefix_caching,
+        speculative: r.speculative == "mtp",
         model_id,
         stage_tls: stage_tls(s)?,
         server_tls: server_tls(s)?,
