@@ -1,5 +1,6 @@
 # mlaserve build entry points. Everything works on a fresh machine with only this repository:
 #   make build   libtorch (PyPI torch wheel) into a cached venv, then target/release/mlaserve
+#   make build-cuda  target/release/mlaserve-cuda: CUDA workers, NCCL expert shards (runs on CPU too)
 #   make test    everything needed, then the whole test suite
 #   make run     the main job: serve the demo model on 127.0.0.1:50051
 # Expensive things live outside the checkout, in $(CACHE): the venv is keyed on
@@ -20,8 +21,9 @@ export LIBTORCH = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths(
 export PATH := $(VENV)/bin:$(PATH)
 export MLASERVE_CACHE := $(CACHE)
 export MLASERVE_BIN := $(CURDIR)/$(BIN)
+export MLASERVE_CUDA_BIN := $(CURDIR)/$(BIN)-cuda
 
-.PHONY: build test run venv check-fmt lint bench-model clean-cache
+.PHONY: build build-cuda test run venv check-fmt lint bench-model clean-cache
 
 $(STAMP): $(REQ)
 	@mkdir -p $(CACHE)
@@ -38,8 +40,16 @@ target:
 build: venv target
 	cargo build --release --locked -p mlaserve
 
-test: build
+# The cuda feature's binary, then the CPU one again: cargo keeps both sets of artifacts, so
+# switching back only re-links nothing and restores target/release/mlaserve.
+build-cuda: venv target
+	cargo build --release --locked -p mlaserve --features cuda
+	cp $(BIN) $(BIN)-cuda.tmp && mv $(BIN)-cuda.tmp $(BIN)-cuda
+	cargo build --release --locked -p mlaserve
+
+test: build build-cuda
 	cargo test --release --locked --workspace
+	cargo test --release --locked -p mlaserve-model --features cuda --lib nccl::
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 # Serves the demo model (random weights, built on first use) on 127.0.0.1:50051; try it with
@@ -52,6 +62,7 @@ check-fmt:
 
 lint: venv target
 	cargo clippy --release --workspace --all-targets -- -D warnings
+	cargo clippy --release --workspace --all-targets --features mlaserve/cuda -- -D warnings
 
 # Decode throughput of `generate` next to transformers on the ~200M benchmark checkpoint.
 bench-model: build

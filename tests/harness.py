@@ -52,11 +52,11 @@ health_grpc = importlib.import_module("health_check.health_pb2_grpc")
 class Proc:
     """A mlaserve process that prints `MLASERVE_LISTENING <role> <addr>` once it listens."""
 
-    def __init__(self, args, env=None, role=None, timeout=120):
+    def __init__(self, args, env=None, role=None, timeout=120, bin=None):
         e = dict(os.environ)
         e.setdefault("RUST_LOG", "warn,mlaserve=info")
         e.update(env or {})
-        self.args = [str(BIN), *map(str, args)]
+        self.args = [str(bin or BIN), *map(str, args)]
         self.p = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
         self.stderr_lines = []
         threading.Thread(target=self._drain_stderr, daemon=True).start()
@@ -105,10 +105,10 @@ class Proc:
 
 
 def start_worker(model, layers, shards=1, dtype="f32", kv_blocks=256, block_size=16, threads=1, extra=(),
-                 wait=True):
+                 wait=True, bin=None):
     w = Proc(["worker", "--model", model, "--layers", f"{layers[0]}..{layers[1]}", "--listen", "127.0.0.1:0",
               "--expert-shards", shards, "--dtype", dtype, "--kv-blocks", kv_blocks, "--block-size", block_size,
-              *extra], env={"MLASERVE_THREADS": str(threads)}, role="worker")
+              *extra], env={"MLASERVE_THREADS": str(threads)}, role="worker", bin=bin)
     if wait:
         wait_stage_ready(w)
     return w
@@ -172,7 +172,8 @@ def split_layers(n, p):
 
 
 @contextlib.contextmanager
-def cluster(model, stages=1, shards=1, dtype="f32", kv_blocks=256, router_args=(), threads=1):
+def cluster(model, stages=1, shards=1, dtype="f32", kv_blocks=256, router_args=(), threads=1, worker_args=(),
+            worker_bin=None):
     """P workers + a router on loopback; yields (router_addr, workers, router)."""
     import json
 
@@ -182,7 +183,7 @@ def cluster(model, stages=1, shards=1, dtype="f32", kv_blocks=256, router_args=(
     try:
         for layers in split_layers(n, stages):
             workers.append(start_worker(model, layers, shards=shards, dtype=dtype, kv_blocks=kv_blocks,
-                                        threads=threads))
+                                        threads=threads, extra=worker_args, bin=worker_bin))
         router = start_router(model, [w.addr for w in workers], extra=router_args)
         wait_healthy(router.addr)
         yield router.addr, workers, router

@@ -22,6 +22,8 @@ pub enum ModelError {
     Input(String),
     #[error("cache: {0}")]
     Cache(String),
+    #[error("nccl: {0}")]
+    Nccl(String),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 }

@@ -1,4 +1,4 @@
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 use crate::attention::Mla;
 use crate::batch::StepPlan;
@@ -24,11 +24,11 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub(crate) fn load(ctx: &LoadCtx, index: usize, moe: bool, expert_devices: &[Device]) -> Result<Self> {
+    pub(crate) fn load(ctx: &LoadCtx, index: usize, moe: bool) -> Result<Self> {
         let p = format!("model.layers.{index}");
         let c = ctx.config;
         let ffn = if moe {
-            Ffn::Moe(Moe::load(ctx, &format!("{p}.mlp"), expert_devices)?)
+            Ffn::Moe(Moe::load(ctx, &format!("{p}.mlp"))?)
         } else {
             let (h, i) = (c.hidden_size, c.intermediate_size);
             Ffn::Dense(Mlp::new(

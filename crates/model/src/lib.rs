@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod batch;
 pub mod cache;
+pub mod combine;
 pub mod dtype;
 pub mod engine;
 pub mod error;
@@ -16,6 +17,8 @@ pub mod mlp;
 pub mod model;
 pub mod moe;
 pub mod mtp;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod norm;
 pub mod pool;
 pub mod profile;

@@ -6,6 +6,7 @@ use mlaserve_core::ModelConfig;
 use tch::{Device, Kind, Tensor};
 
 use crate::attention::PrefillForm;
+use crate::combine::Combine;
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::norm::RmsNorm;
@@ -43,6 +44,9 @@ pub(crate) struct LoadCtx<'a> {
     pub kind: Kind,
     pub device: Device,
     pub prefill_form: PrefillForm,
+    /// Devices the routed experts are split over, and how their partial sums are combined.
+    pub expert_devices: Vec<Device>,
+    pub combine: Combine,
 }
 
 impl LoadCtx<'_> {

@@ -10,6 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::batch::{SeqStep, StepPlan};
 use crate::cache::LatentCache;
+use crate::combine::Combine;
 use crate::dtype::DType;
 use crate::error::{input_err, ModelError, Result};
 use crate::layer::DecoderLayer;
@@ -68,15 +69,23 @@ impl Model {
         ck.start_progress(total, &format!("loading layers {}..{}", range.start, range.end));
 
         let kind = opts.dtype.kind();
-        let ctx =
-            LoadCtx { ck: &ck, config: &config, kind, device: opts.device, prefill_form: opts.prefill_form };
         let expert_devices =
             if opts.expert_devices.is_empty() { vec![opts.device] } else { opts.expert_devices.clone() };
+        let ctx = LoadCtx {
+            ck: &ck,
+            config: &config,
+            kind,
+            device: opts.device,
+            prefill_form: opts.prefill_form,
+            combine: Combine::for_devices(opts.device, &expert_devices)?,
+            expert_devices,
+        };
+        let expert_shards = ctx.expert_devices.len();
         let (v, h) = (config.vocab_size, config.hidden_size);
         let embed = if first { Some(ctx.weight("model.embed_tokens.weight", &[v, h])?) } else { None };
         let mut layers = Vec::with_capacity(range.len());
         for i in range.clone() {
-            layers.push(DecoderLayer::load(&ctx, i, config.is_moe_layer(i), &expert_devices)?);
+            layers.push(DecoderLayer::load(&ctx, i, config.is_moe_layer(i))?);
         }
         let (norm, lm_head) = if last {
             let head = if config.tie_word_embeddings && !ck.contains("lm_head.weight") {
@@ -88,13 +97,13 @@ impl Model {
         } else {
             (None, None)
         };
-        let mtp = if want_mtp { Some(Mtp::load(&ctx, n, embed.as_ref(), &expert_devices)?) } else { None };
+        let mtp = if want_mtp { Some(Mtp::load(&ctx, n, embed.as_ref())?) } else { None };
         ck.finish_progress();
         tracing::info!(
             layers = ?range,
             dtype = %opts.dtype,
             mtp = mtp.is_some(),
-            expert_shards = expert_devices.len(),
+            expert_shards,
             "model stage loaded"
         );
         Ok(Model {
@@ -108,7 +117,7 @@ impl Model {
             norm,
             lm_head,
             mtp,
-            expert_shards: expert_devices.len(),
+            expert_shards,
         })
     }
 

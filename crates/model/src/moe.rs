@@ -5,6 +5,7 @@
 
 use tch::{Device, Kind, Tensor};
 
+use crate::combine::Combine;
 use crate::error::Result;
 use crate::kernels;
 use crate::linear::forward_weight;
@@ -101,8 +102,8 @@ impl ExpertShard {
             && kernels::simd_available()
     }
 
-    /// This shard's experts' weighted outputs summed per token, `[N, H]`, or None when none of its
-    /// experts was chosen.
+    /// This shard's experts' weighted outputs summed per token, `[N, H]` on the shard's device, or
+    /// None when none of its experts was chosen.
     pub fn forward_partial(&self, x: &Tensor, d: &Dispatch) -> Option<Tensor> {
         let (lo, hi) = (self.first as usize, (self.first + self.num_experts()) as usize);
         let (start, end) = (d.offsets[lo], d.offsets[hi]);
@@ -111,6 +112,7 @@ impl ExpertShard {
         }
         let rows = d.token_of.narrow(0, start, end - start);
         let xs = x.index_select(0, &rows).to_device(self.device);
+        let rows = rows.to_device(self.device);
         // The active experts and their runs of rows in `xs`.
         let active: Vec<(i64, i64, i64)> = (lo..hi)
             .filter(|&e| d.offsets[e + 1] > d.offsets[e])
@@ -135,26 +137,29 @@ impl ExpertShard {
                 })
                 .collect()
         };
-        let ys = Tensor::cat(&outs, 0).to_device(x.device());
-        let w = d.weight.narrow(0, start, end - start).unsqueeze(1);
+        let ys = Tensor::cat(&outs, 0);
+        let w = d.weight.narrow(0, start, end - start).unsqueeze(1).to_device(self.device);
         // Weighting in fp32 (as the reference does for bf16 activations); f64 stays f64 for tests.
         let ys = match ys.kind() {
             Kind::Double => ys * w,
             kind => (ys.to_kind(Kind::Float) * w).to_kind(kind),
         };
-        Some(x.zeros_like().index_add(0, &rows, &ys))
+        Some(xs.new_zeros(x.size(), (x.kind(), self.device)).index_add(0, &rows, &ys))
     }
 }
 
 pub struct Moe {
     router: Router,
     shards: Vec<ExpertShard>,
+    combine: Combine,
     shared: Option<Mlp>,
 }
 
 impl Moe {
-    /// Loads layer `prefix`'s MoE with its routed experts split evenly over `shard_devices`.
-    pub(crate) fn load(ctx: &LoadCtx, prefix: &str, shard_devices: &[Device]) -> Result<Self> {
+    /// Loads layer `prefix`'s MoE with its routed experts split evenly over the context's expert
+    /// devices.
+    pub(crate) fn load(ctx: &LoadCtx, prefix: &str) -> Result<Self> {
+        let shard_devices = &ctx.expert_devices;
         let c = ctx.config;
         let (hid, e, inter) = (c.hidden_size, c.n_routed_experts, c.moe_intermediate_size);
         let router = Router {
@@ -199,7 +204,7 @@ impl Moe {
         } else {
             None
         };
-        Ok(Moe { router, shards, shared })
+        Ok(Moe { router, shards, combine: ctx.combine.clone(), shared })
     }
 
     pub fn num_shards(&self) -> usize {
@@ -213,17 +218,13 @@ impl Moe {
             Dispatch::new(&idx, &w, self.router.n_experts)
         };
         let _p = profile::section("moe.experts");
-        // Combine: the partial sums of the shards; on one device a plain sum.
-        let mut out: Option<Tensor> = None;
-        for s in &self.shards {
-            if let Some(p) = s.forward_partial(x, &d) {
-                out = Some(match out {
-                    Some(o) => o + p,
-                    None => p,
-                });
-            }
-        }
-        let routed = out.unwrap_or_else(|| x.zeros_like());
+        // Shards launch in turn; on CUDA devices their kernels run concurrently until the combine.
+        let partials: Vec<Option<Tensor>> = self.shards.iter().map(|s| s.forward_partial(x, &d)).collect();
+        let devices: Vec<Device> = self.shards.iter().map(|s| s.device).collect();
+        let routed = self.combine.sum(partials, &devices, x.device(), x);
+        // Like a failed libtorch op, a failed collective fails this step (the worker turns the
+        // panic into an INTERNAL status for it) rather than returning a wrong sum.
+        let routed = routed.unwrap_or_else(|e| panic!("expert combine: {e}"));
         let _p = profile::section("moe.shared");
         match &self.shared {
             Some(m) => routed + m.forward(x),
@@ -317,7 +318,7 @@ mod tests {
             }
         }
         for g in [1i64, 2, 3] {
-            let mut sum = x.zeros_like();
+            let mut partials = vec![];
             for s in 0..g {
                 let (lo, hi) = (s * e / g, (s + 1) * e / g);
                 let shard = ExpertShard {
@@ -327,10 +328,9 @@ mod tests {
                     inter: i,
                     device: Device::Cpu,
                 };
-                if let Some(p) = shard.forward_partial(&x, &d) {
-                    sum += p;
-                }
+                partials.push(shard.forward_partial(&x, &d));
             }
+            let sum = Combine::Add.sum(partials, &vec![Device::Cpu; g as usize], Device::Cpu, &x).unwrap();
             let diff = (&sum - &want).abs().max().double_value(&[]);
             assert!(diff < 1e-9, "G={g}: {diff}");
         }

@@ -2,7 +2,7 @@
 //! state of token i and the embedding of token i+1 it predicts token i+2, through a full decoder layer
 //! with its own latent cache.
 
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 use crate::batch::StepPlan;
 use crate::error::Result;
@@ -21,12 +21,7 @@ pub struct Mtp {
 }
 
 impl Mtp {
-    pub(crate) fn load(
-        ctx: &LoadCtx,
-        index: usize,
-        main_embed: Option<&Tensor>,
-        expert_devices: &[Device],
-    ) -> Result<Self> {
+    pub(crate) fn load(ctx: &LoadCtx, index: usize, main_embed: Option<&Tensor>) -> Result<Self> {
         let c = ctx.config;
         let (v, h) = (c.vocab_size, c.hidden_size);
         let p = format!("model.layers.{index}");
@@ -45,7 +40,7 @@ impl Mtp {
             enorm: ctx.norm(&format!("{p}.enorm.weight"), h)?,
             hnorm: ctx.norm(&format!("{p}.hnorm.weight"), h)?,
             eh_proj: Linear::new(ctx.weight(&format!("{p}.eh_proj.weight"), &[h, 2 * h])?),
-            layer: DecoderLayer::load(ctx, index, moe, expert_devices)?,
+            layer: DecoderLayer::load(ctx, index, moe)?,
             head_norm: ctx.norm(&format!("{p}.shared_head.norm.weight"), h)?,
         })
     }

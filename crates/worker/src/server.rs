@@ -46,9 +46,11 @@ fn devices(opts: &WorkerOptions) -> Result<(Device, Vec<Device>), StageError> {
         DeviceKind::Cpu => Ok((Device::Cpu, vec![Device::Cpu; g])),
         DeviceKind::Cuda => {
             if !tch::Cuda::is_available() {
-                return Err(StageError::failed_precondition(
-                    "--device cuda: no CUDA device is usable (is this binary built with `--features cuda`?)",
-                ));
+                return Err(StageError::failed_precondition(if cfg!(feature = "cuda") {
+                    "--device cuda: libtorch sees no CUDA device (driver, CUDA_VISIBLE_DEVICES, a CUDA libtorch?)"
+                } else {
+                    "--device cuda: this binary is built without `--features cuda`"
+                }));
             }
             let n = tch::Cuda::device_count() as usize;
             if g > n {

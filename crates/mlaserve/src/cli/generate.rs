@@ -22,6 +22,9 @@ pub struct Args {
     seed: u64,
     #[arg(long, default_value = "f32")]
     dtype: DType,
+    /// cpu, or cuda (device 0; needs a `--features cuda` build and a GPU).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Stop a prompt's generation at the end-of-sequence token.
     #[arg(long)]
     stop_at_eos: bool,
@@ -39,7 +42,15 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let model = Model::load(&a.model, &LoadOptions { dtype: a.dtype, ..Default::default() })
+    let device = match a.device.as_str() {
+        "cpu" => tch::Device::Cpu,
+        "cuda" if tch::Cuda::is_available() => tch::Device::Cuda(0),
+        "cuda" => anyhow::bail!(
+            "--device cuda: libtorch sees no CUDA device (a `--features cuda` build on a GPU host?)"
+        ),
+        other => anyhow::bail!("--device must be cpu or cuda, got {other:?}"),
+    };
+    let model = Model::load(&a.model, &LoadOptions { dtype: a.dtype, device, ..Default::default() })
         .with_context(|| format!("loading {}", a.model.display()))?;
     let stop_ids = if a.stop_at_eos { model.config().eos_token_ids.clone() } else { vec![] };
     let reqs: Vec<EngineRequest> = a

@@ -3,6 +3,7 @@
 
 mod bench;
 mod client;
+mod cuda;
 mod demo;
 mod generate;
 mod logits;
