@@ -23,7 +23,7 @@ export MLASERVE_CACHE := $(CACHE)
 export MLASERVE_BIN := $(CURDIR)/$(BIN)
 export MLASERVE_CUDA_BIN := $(CURDIR)/$(BIN)-cuda
 
-.PHONY: build build-cuda test run venv check-fmt lint bench-model clean-cache
+.PHONY: build build-cuda gpu-bundle test run venv check-fmt lint bench-model clean-cache
 
 $(STAMP): $(REQ)
 	@mkdir -p $(CACHE)
@@ -46,6 +46,12 @@ build-cuda: venv target
 	cargo build --release --locked -p mlaserve --features cuda
 	cp $(BIN) $(BIN)-cuda.tmp && mv $(BIN)-cuda.tmp $(BIN)-cuda
 	cargo build --release --locked -p mlaserve
+
+# What a GPU session carries (the device tool's 64 MiB limit): the stripped cuda binary, ~19 MB.
+# There: python benches/gpu_check.py --bin .gpu/mlaserve-cuda
+gpu-bundle: build-cuda
+	@mkdir -p .gpu
+	strip -o .gpu/mlaserve-cuda $(BIN)-cuda
 
 test: build build-cuda
 	cargo test --release --locked --workspace

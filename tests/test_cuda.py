@@ -9,14 +9,13 @@ must equal the CPU single process, with NCCL-combined expert shards when there a
 import os
 import re
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 
 from conftest import BIN, ROOT
-from harness import cluster, generate, greedy, pb, stub
-from test_pipeline import small, small_cases  # noqa: F401  (fixtures)
+from harness import cluster
+from test_pipeline import concurrent_greedy, small, small_cases  # noqa: F401  (fixtures)
 
 CUDA_BIN = Path(os.environ.get("MLASERVE_CUDA_BIN", ROOT / "target" / "release" / "mlaserve-cuda"))
 
@@ -93,19 +92,7 @@ def _greedy_on_gpu(small, small_cases, stages, shards):  # noqa: F811
     args = ("--device", "cuda")
     with cluster(small, stages=stages, shards=shards, dtype="f32", worker_args=args, worker_bin=CUDA_BIN) as (
             addr, _, _):
-        s, ch = stub(addr)
-        results = [None] * len(small_cases)
-
-        def one(i):
-            results[i] = generate(s, input_ids=pb.TokenIds(ids=small_cases[i][0]), **greedy(16)).ids
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(small_cases))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        ch.close()
-    assert results == [c[1] for c in small_cases]
+        assert concurrent_greedy(addr, small_cases) == [c[1] for c in small_cases]
 
 
 @pytest.mark.skipif(gpus() < 1, reason="needs a CUDA device")

@@ -63,6 +63,29 @@ def test_metrics_endpoint_after_requests(demo):  # noqa: F811
         w.stop()
 
 
+def test_stage_traffic_counters(demo):  # noqa: F811
+    """A stage that forwards counts exactly hidden_size x 4 bytes (f32) per token it processed, and
+    the encoded messages (hidden states plus step framing) on top."""
+    hidden = json.loads((demo / "config.json").read_text())["hidden_size"]
+    w0 = start_worker(demo, (0, 2), extra=["--metrics-listen", "127.0.0.1:0"])
+    w1 = start_worker(demo, (2, 4))
+    r = Proc(["router", "--model", demo, "--listen", "127.0.0.1:0", "--stage", w0.addr, "--stage", w1.addr],
+             role="router")
+    try:
+        wait_healthy(r.addr)
+        s, ch = stub(r.addr)
+        generate(s, input_ids=pb.TokenIds(ids=[5, 6, 7, 8]), **greedy(5))
+        ch.close()
+        wt = scrape(w0.metrics_addr)
+        tokens = metric(wt, "mlaserve_stage_tokens_total")
+        assert tokens == 4 + 4  # the prompt, then one token per decode step after the first
+        assert metric(wt, "mlaserve_stage_hidden_bytes_total") == tokens * hidden * 4
+        assert metric(wt, "mlaserve_stage_sent_bytes_total") > tokens * hidden * 4
+    finally:
+        for p in (r, w0, w1):
+            p.stop()
+
+
 def config_toml(*args, env=None, check=True):
     import os
 

@@ -27,6 +27,23 @@ def small_cases(small):
     return cases
 
 
+def concurrent_greedy(addr, cases, n=16):
+    """Greedy continuations of the cases' prompts, requested concurrently so they share steps."""
+    s, ch = stub(addr)
+    results = [None] * len(cases)
+
+    def run(i):
+        results[i] = generate(s, input_ids=pb.TokenIds(ids=cases[i][0]), **greedy(n)).ids
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ch.close()
+    return results
+
+
 @pytest.mark.parametrize("stages,shards", [(1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (3, 2)])
 def test_pipeline_greedy_equals_single_process(small, small_cases, stages, shards):
     with cluster(small, stages=stages, shards=shards) as (addr, workers, _):
@@ -34,20 +51,7 @@ def test_pipeline_greedy_equals_single_process(small, small_cases, stages, shard
         assert [(s.layer_start, s.layer_end) for s in info.stages] == \
             [(i * 6 // stages, (i + 1) * 6 // stages) for i in range(stages)]
         assert all(s.expert_shards == shards for s in info.stages)
-        s, ch = stub(addr)
-        # Concurrently, so sequences share steps.
-        results = [None] * len(small_cases)
-
-        def run(i):
-            results[i] = generate(s, input_ids=pb.TokenIds(ids=small_cases[i][0]), **greedy(16)).ids
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(small_cases))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        ch.close()
-        assert results == [c[1] for c in small_cases]
+        assert concurrent_greedy(addr, small_cases) == [c[1] for c in small_cases]
 
 
 def test_stage_info_and_layer_checks(small):

@@ -16,7 +16,25 @@ import math
 import os
 
 import torch
-from safetensors.torch import save_file
+
+try:
+    from safetensors.torch import save_file
+except ImportError:  # e.g. a bare GPU image with only torch: the format is simple enough to write.
+    def save_file(tensors, path, metadata=None):
+        names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float8_e4m3fn: "F8_E4M3",
+                 torch.int64: "I64", torch.int32: "I32"}
+        header, blobs, off = {"__metadata__": metadata or {}}, [], 0
+        for k, t in tensors.items():
+            raw = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            header[k] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + len(raw)]}
+            blobs.append(raw)
+            off += len(raw)
+        h = json.dumps(header).encode()
+        h += b" " * (-len(h) % 8)
+        with open(path, "wb") as f:
+            f.write(len(h).to_bytes(8, "little") + h)
+            for raw in blobs:
+                f.write(raw)
 
 PRESETS = {
     # Small enough for fp32 parity tests in seconds; shapes chosen so that nothing divides evenly

@@ -124,9 +124,10 @@ fn apply_penalties(raw: &Tensor, p: &SamplingParams, prompt: &[u32], output: &[u
     logits
 }
 
-/// Draws from the filtered, tempered distribution of one row.
-fn draw(logits: &Tensor, p: &SamplingParams, step: u64) -> u32 {
-    let probs = (logits / p.temperature as f64).softmax(-1, Kind::Float);
+/// The tempered distribution of one row, sorted descending, with the original index of each entry
+/// and how many leading entries survive top-k, min-p and top-p (applied in that order).
+pub(crate) fn filtered(logits: &Tensor, p: &SamplingParams) -> (Tensor, Tensor, i64) {
+    let probs = (logits.to_kind(Kind::Float) / p.temperature as f64).softmax(-1, Kind::Float);
     let v = probs.size()[0];
     let (sorted, order) = if p.top_k > 0 && (p.top_k as i64) < v {
         probs.topk(p.top_k as i64, -1, true, true)
@@ -145,6 +146,12 @@ fn draw(logits: &Tensor, p: &SamplingParams, step: u64) -> u32 {
         let below = cum.lt(p.top_p as f64).sum(Kind::Int64).int64_value(&[]);
         keep = keep.min(below + 1);
     }
+    (sorted, order, keep)
+}
+
+/// Draws from the filtered, tempered distribution of one row.
+fn draw(logits: &Tensor, p: &SamplingParams, step: u64) -> u32 {
+    let (sorted, order, keep) = filtered(logits, p);
     let mass: Vec<f32> = Vec::try_from(sorted.narrow(0, 0, keep)).expect("f32 probabilities");
     let total: f32 = mass.iter().sum();
     let mut rng = ChaCha8Rng::seed_from_u64(p.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15));

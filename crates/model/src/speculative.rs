@@ -34,25 +34,14 @@ fn uniform(p: &SamplingParams, generated: u64, purpose: Purpose) -> f64 {
 /// The request's sampling distribution over the whole vocabulary: logits / temperature, softmax,
 /// then top-k, min-p and top-p filtering, renormalised.
 pub fn processed_probs(logits: &Tensor, p: &SamplingParams) -> Tensor {
-    let probs = (logits.to_kind(Kind::Float) / p.temperature as f64).softmax(-1, Kind::Float);
-    let v = probs.size()[0];
-    let (sorted, order) = probs.sort(-1, true);
-    let mut keep = v;
-    if p.top_k > 0 {
-        keep = keep.min(p.top_k as i64);
-    }
-    if p.min_p > 0.0 {
-        let max = sorted.double_value(&[0]);
-        keep = keep.min(sorted.ge(max * p.min_p as f64).sum(Kind::Int64).int64_value(&[]).max(1));
-    }
-    if p.top_p < 1.0 {
-        let kept = sorted.narrow(0, 0, keep);
-        let cum = kept.cumsum(0, Kind::Float) / kept.sum(Kind::Float);
-        keep = keep.min(cum.lt(p.top_p as f64).sum(Kind::Int64).int64_value(&[]) + 1);
-    }
+    let (sorted, order, keep) = crate::sampling::filtered(logits, p);
     let kept = sorted.narrow(0, 0, keep);
     let kept = &kept / kept.sum(Kind::Float);
-    Tensor::zeros([v], (Kind::Float, probs.device())).index_copy(0, &order.narrow(0, 0, keep), &kept)
+    Tensor::zeros([logits.size()[0]], (Kind::Float, logits.device())).index_copy(
+        0,
+        &order.narrow(0, 0, keep),
+        &kept,
+    )
 }
 
 /// Inverse-CDF draw from a dense distribution: the first index whose cumulative mass exceeds

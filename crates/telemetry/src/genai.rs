@@ -135,6 +135,7 @@ pub struct StageMetrics {
     pub forward_duration: Histogram<f64>,
     pub tokens: Counter<u64>,
     pub hidden_bytes: Counter<u64>,
+    pub sent_bytes: Counter<u64>,
     pub active_sequences: Gauge<u64>,
     pub base: Vec<KeyValue>,
 }
@@ -150,9 +151,16 @@ impl StageMetrics {
                 .build(),
             tokens: meter.u64_counter("mlaserve.stage.tokens").with_description("Tokens processed").build(),
             hidden_bytes: meter
-                .u64_counter("mlaserve.stage.hidden.bytes")
+                .u64_counter("mlaserve.stage.hidden")
                 .with_unit("By")
                 .with_description("Hidden-state bytes sent to the next stage")
+                .build(),
+            sent_bytes: meter
+                .u64_counter("mlaserve.stage.sent")
+                .with_unit("By")
+                .with_description(
+                    "Encoded step-message bytes sent to the next stage (hidden states and framing)",
+                )
                 .build(),
             active_sequences: meter
                 .u64_gauge("mlaserve.stage.sequences")

@@ -12,6 +12,7 @@ use mlaserve_proto::internal::v1::{
     StepResult,
 };
 use mlaserve_proto::transport::{connect, ClientTls};
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -298,14 +299,20 @@ async fn forward_or_answer(
             m.hidden_bytes.add(timing.hidden_bytes_sent, &m.base);
         }
     }
+    // What crosses the wire to the next stage: the step (ids, positions, block tables) and hidden states.
+    let forward = |step: Step| {
+        let msg = StageMessage { msg: Some(stage_message::Msg::Step(step)) };
+        if let Some(m) = metrics {
+            m.sent_bytes.add(msg.encoded_len() as u64, &m.base);
+        }
+        msg
+    };
     match (done.output, down_tx) {
         (StepOutput::Hidden(h), Some(down)) => {
             step.hidden = Some(h);
-            down.send(StageMessage { msg: Some(stage_message::Msg::Step(step)) }).await.is_ok()
+            down.send(forward(step)).await.is_ok()
         }
-        (StepOutput::Empty, Some(down)) => {
-            down.send(StageMessage { msg: Some(stage_message::Msg::Step(step)) }).await.is_ok()
-        }
+        (StepOutput::Empty, Some(down)) => down.send(forward(step)).await.is_ok(),
         (StepOutput::Tokens(out), None) => up_tx
             .send(Ok(StepResult {
                 step_id,

@@ -40,6 +40,10 @@ pub struct Args {
     pub prompt_len: usize,
     #[arg(long)]
     pub prompt_len_max: Option<usize>,
+    /// The first this many prompt tokens are the same in every request (a shared system prompt),
+    /// counted within the prompt length.
+    #[arg(long, default_value_t = 0)]
+    pub shared_prefix: usize,
     /// Generated tokens per request (EOS ignored); with --output-len-max, uniform in [len, max].
     #[arg(long, default_value_t = 64)]
     pub output_len: usize,
@@ -131,7 +135,18 @@ fn make_request(a: &Args, vocab: u32, i: usize) -> GenerateRequest {
     let plen = uniform(&mut rng, a.prompt_len.max(1), a.prompt_len_max);
     let olen = uniform(&mut rng, a.output_len.max(1), a.output_len_max);
     // Avoid the first ids (BOS, EOS and other specials in DeepSeek-style vocabularies).
-    let ids = (0..plen).map(|_| rng.random_range(2.min(vocab - 1)..vocab)).collect();
+    let lo = 2.min(vocab - 1);
+    let mut shared = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed ^ 0x5EED_50F7);
+    let ids =
+        (0..plen)
+            .map(|j| {
+                if j < a.shared_prefix {
+                    shared.random_range(lo..vocab)
+                } else {
+                    rng.random_range(lo..vocab)
+                }
+            })
+            .collect();
     GenerateRequest {
         input_ids: Some(TokenIds { ids }),
         sampling: Some(SamplingParameters {
