@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "reference"))
 
 BIN = Path(os.environ.get("MLASERVE_BIN", ROOT / "target" / "release" / "mlaserve"))
+# The `cuda` feature's build (`make build-cuda`): what the worker image runs; it also runs on CPU.
+CUDA_BIN = Path(os.environ.get("MLASERVE_CUDA_BIN", ROOT / "target" / "release" / "mlaserve-cuda"))
 CACHE = Path(os.environ.get("MLASERVE_CACHE", Path.home() / ".cache" / "mlaserve"))
 
 

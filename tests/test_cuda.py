@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ROOT
+from conftest import BIN, CUDA_BIN
 from harness import cluster
 from test_pipeline import concurrent_greedy, small, small_cases  # noqa: F401  (fixtures)
-
-CUDA_BIN = Path(os.environ.get("MLASERVE_CUDA_BIN", ROOT / "target" / "release" / "mlaserve-cuda"))
 
 
 def gpus() -> int:

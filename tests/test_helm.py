@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, ROOT
+from conftest import BIN, CUDA_BIN, ROOT
 
 sys.path.insert(0, str(ROOT / "tests" / "tools"))
 import get_helm  # noqa: E402
@@ -464,9 +464,10 @@ class PodSandbox:
 
     def argv(self, container, check: bool) -> list[str]:
         """command + args with mount paths rebased; `mlaserve` resolves to a shim that runs the real
-        binary (adding --check when asked)."""
+        binary of that image (adding --check when asked): the worker image has the `cuda` build."""
+        binary = CUDA_BIN if "mlaserve-worker" in container["image"] else BIN
         shim = self.shims / "mlaserve"
-        shim.write_text(f"#!/bin/sh\nexec {shlex.quote(str(BIN))} \"$@\"{' --check' if check else ''}\n")
+        shim.write_text(f"#!/bin/sh\nexec {shlex.quote(str(binary))} \"$@\"{' --check' if check else ''}\n")
         shim.chmod(0o755)
         return [self.rebase(a) for a in container["command"] + container.get("args", [])]
 

@@ -52,7 +52,7 @@ impl Combine {
                 let full: Vec<Tensor> = partials
                     .into_iter()
                     .zip(shards)
-                    .map(|(p, &d)| p.unwrap_or_else(|| like.zeros_like().to_device(d)))
+                    .map(|(p, &d)| p.unwrap_or_else(|| Tensor::zeros(like.size(), (like.kind(), d))))
                     .collect();
                 comms.reduce(full, root)
             }

@@ -62,17 +62,16 @@ pub fn run(a: Args, g: &Global) -> anyhow::Result<()> {
         parse_layers(required(&w.layers, "worker.layers", "--layers")?).map_err(anyhow::Error::msg)?;
     // TLS files are read here, so that --check fails on a missing one as the real start would.
     let (server_tls, downstream_tls) = (server_tls(&s)?, stage_tls(&s)?);
-    if w.device == "cuda" {
-        // May re-execute this process (NCCL library path); so before any thread or socket exists.
-        if let Some(v) = super::cuda::prepare(w.expert_shards)? {
-            tracing::info!(nccl = %v, "NCCL ready for expert shards");
-            if g.check {
-                println!("# nccl {v}");
-            }
-        }
-    }
+    // May re-execute this process (NCCL library path); so before any thread or socket exists.
+    let nccl = if w.device == "cuda" { super::cuda::prepare(w.expert_shards)? } else { None };
     if check_done(g, &s, "worker") {
+        if let Some(v) = nccl {
+            println!("# nccl {v}");
+        }
         return Ok(());
+    }
+    if let Some(v) = nccl {
+        tracing::info!(nccl = %v, "NCCL ready for expert shards");
     }
     let opts = WorkerOptions {
         model_dir: model,
