@@ -117,6 +117,8 @@ def test_file_env_flag_precedence(tmp_path):
     (["router", "--model", "/m", "--check"], {}, "router.stages"),
     (["router", "--model", "/m", "--stage", "a:1", "--log-format", "xml", "--check"], {}, "telemetry.log_format"),
     (["config"], {"MLASERVE_WORKER__KV_BLOCKS": "many"}, "kv_blocks"),
+    (["router", "--model", "/m", "--stage", "a:1", "--speculative-min-acceptance", "1.5", "--check"], {},
+     "router.speculative_min_acceptance"),
 ])
 def test_bad_values_fail_startup_naming_the_key(args, env, key):
     p = config_toml(*args, env=env, check=False)

@@ -77,3 +77,28 @@ def test_sampling_stays_in_distribution(bigram):
         print(f"token {k + 2}: total variation {tv:.3f} between plain and speculative sampling")
         # Two-sample noise of N draws over up to 4 (token 2) or 16 (token 3) outcomes stays below these.
         assert tv < (0.15 if k == 0 else 0.25)
+
+
+def test_rarely_accepted_drafts_end_speculation(small):  # noqa: F811
+    """A random MTP head is rarely right: after 16 drafts below the minimum acceptance a sequence
+    stops drafting (and says so to the stages); with the minimum at 0 it drafts to the end. The
+    output is the plain greedy output either way."""
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(2, 500, (n,), generator=g).tolist() for n in (4, 21)]
+    reqs = [dict(input_ids=pb.TokenIds(ids=p), **greedy(48)) for p in prompts]
+    with cluster(small, stages=1) as (addr, _, _):
+        plain = [r.ids for r in run_all(addr, reqs)]
+    runs = {}
+    for floor in ("0.5", "0"):
+        args = ["--speculative", "mtp", "--speculative-min-acceptance", floor]
+        with cluster(small, stages=2, router_args=args) as (addr, _, _):
+            out = [r.ids for r in run_all(addr, reqs)]
+            info = model_info(addr)
+        assert out == plain, floor
+        runs[floor] = info
+        print(f"min acceptance {floor}: {info.speculative_accepted}/{info.speculative_drafts} accepted")
+    gated, ungated = runs["0.5"], runs["0"]
+    # Sequential requests: each ran 16 drafts, then stopped (acceptance stays far below one half).
+    assert ungated.speculative_accepted < ungated.speculative_drafts / 4
+    assert gated.speculative_drafts == 16 * len(reqs)
+    assert ungated.speculative_drafts > 30 * len(reqs)

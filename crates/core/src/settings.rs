@@ -66,6 +66,9 @@ pub struct RouterSettings {
     /// Speculative decoding: "off", or "mtp" (the checkpoint's MTP module drafts one token per step,
     /// verified in the same forward; requests with penalties do not speculate).
     pub speculative: String,
+    /// A sequence stops speculating when, after 16 drafts, fewer than this share were accepted
+    /// (a draft that is rarely right costs more than it saves); 0 = never stop.
+    pub speculative_min_acceptance: f64,
     /// Prometheus `/metrics` HTTP address; empty = off.
     pub metrics_listen: String,
     /// Seconds in-flight streams may take to finish after SIGTERM before the router exits.
@@ -90,6 +93,7 @@ impl Default for RouterSettings {
             model_id: String::new(),
             prefix_caching: true,
             speculative: "off".into(),
+            speculative_min_acceptance: 0.5,
             metrics_listen: String::new(),
             drain_timeout_secs: 30,
         }
@@ -286,6 +290,12 @@ impl Settings {
             return Err(bad(
                 "router.speculative",
                 format!("must be \"off\" or \"mtp\", got {:?}", r.speculative),
+            ));
+        }
+        if !(0.0..=1.0).contains(&r.speculative_min_acceptance) {
+            return Err(bad(
+                "router.speculative_min_acceptance",
+                format!("must be within 0..=1, got {}", r.speculative_min_acceptance),
             ));
         }
         if let Some(s) = r.stages.iter().find(|s| s.trim().is_empty() || s.contains(char::is_whitespace)) {

@@ -4,6 +4,9 @@ use std::time::Duration;
 
 use mlaserve_proto::transport::ClientTls;
 
+/// Drafts a sequence verifies before its acceptance rate may end its speculation.
+pub const SPECULATION_PROBATION: u32 = 16;
+
 #[derive(Debug, Clone)]
 pub struct RouterOptions {
     /// Stage addresses in layer order.
@@ -30,6 +33,9 @@ pub struct RouterOptions {
     pub prefix_caching: bool,
     /// Speculative decoding with the MTP module as the draft (when the last stage holds it).
     pub speculative: bool,
+    /// A sequence stops speculating when, after [`SPECULATION_PROBATION`] drafts, fewer than this
+    /// share were accepted; 0 = never.
+    pub speculative_min_acceptance: f64,
     /// Free blocks kept back when admitting new sequences, so running ones can grow.
     pub admission_watermark_blocks: usize,
     /// Pause between reconnection attempts when the pipeline is down.
@@ -61,6 +67,7 @@ impl Default for RouterOptions {
             max_request_bytes: 4 << 20,
             prefix_caching: true,
             speculative: false,
+            speculative_min_acceptance: 0.5,
             admission_watermark_blocks: 1,
             reconnect_interval: Duration::from_millis(500),
             drain_timeout: Duration::from_secs(30),

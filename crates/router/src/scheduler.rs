@@ -25,7 +25,7 @@ use mlaserve_telemetry::propagation;
 use opentelemetry::KeyValue;
 
 use crate::detokenize::IncrementalDetokenizer;
-use crate::options::RouterOptions;
+use crate::options::{RouterOptions, SPECULATION_PROBATION};
 use crate::pipeline::{discover, CacheGeometry, Pipeline, PipelineEvent, StageEndpoint};
 use crate::request::ValidRequest;
 use crate::stop::StopMatcher;
@@ -147,6 +147,11 @@ struct Seq {
     /// Speculative decoding: asked for, and the draft to verify in the next step.
     speculative: bool,
     draft: Option<u32>,
+    /// This sequence's drafts verified and accepted, and whether the next step must tell the
+    /// stages that it stopped speculating.
+    drafts: u32,
+    accepted: u32,
+    end_speculation: bool,
 }
 
 impl Seq {
@@ -351,6 +356,9 @@ impl Scheduler {
             cached_prompt: 0,
             speculative: self.opts.speculative && !req.sampling.has_penalties(),
             draft: None,
+            drafts: 0,
+            accepted: 0,
+            end_speculation: false,
             id,
             detok: IncrementalDetokenizer::new(tail, true),
             stop: StopMatcher::new(req.stop.clone()),
@@ -716,6 +724,7 @@ impl Scheduler {
                 sample,
                 setup,
                 verify_draft: verify,
+                end_speculation: std::mem::take(&mut s.end_speculation),
             });
             s.sent_blocks = s.table.len();
             s.registered = true;
@@ -777,9 +786,18 @@ impl Scheduler {
             if verify {
                 self.metrics.drafts.add(1, &self.metrics.base);
                 self.drafts_proposed += 1;
+                seq.drafts += 1;
                 if toks.len() == 2 {
                     self.metrics.drafts_accepted.add(1, &self.metrics.base);
                     self.drafts_accepted += 1;
+                    seq.accepted += 1;
+                }
+                // A draft that is rarely right costs a wider step (and the MTP pass) for little.
+                if seq.drafts >= SPECULATION_PROBATION
+                    && f64::from(seq.accepted) < self.opts.speculative_min_acceptance * f64::from(seq.drafts)
+                {
+                    seq.speculative = false;
+                    seq.end_speculation = true;
                 }
             }
             if self.emit(id, toks, now) {
@@ -790,7 +808,7 @@ impl Scheduler {
             // Everything but the newest token is cached (a rejected draft's slot is not).
             let seq = self.running.get_mut(&id).expect("present");
             seq.cached = seq.tokens.len() - 1;
-            seq.draft = drafts.get(&id).copied();
+            seq.draft = if seq.speculative { drafts.get(&id).copied() } else { None };
             self.register_blocks(id);
         }
     }

@@ -160,6 +160,12 @@ impl StageEngine {
             if w.token_ids.is_empty() {
                 return Err(StageError::invalid(format!("sequence {} has no new tokens", w.seq_id)));
             }
+            if w.verify_draft && w.end_speculation {
+                return Err(StageError::invalid(format!(
+                    "sequence {}: end_speculation with a draft to verify",
+                    w.seq_id
+                )));
+            }
             if w.verify_draft && (w.token_ids.len() != 2 || !w.sample) {
                 return Err(StageError::invalid(format!(
                     "sequence {}: a verification sends the last token and the draft, and samples",
@@ -231,6 +237,11 @@ impl StageEngine {
                 );
             }
             let s = self.registry.get_mut(w.seq_id).expect("registered above");
+            if w.end_speculation {
+                s.speculative = false;
+                s.draft = None;
+                s.pending_hidden = None;
+            }
             s.cached = w.cached as usize;
             s.block_table.extend_from_slice(&w.new_blocks);
             seq_steps.push(SeqStep {

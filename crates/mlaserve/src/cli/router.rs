@@ -59,6 +59,10 @@ pub struct Limits {
     /// Speculative decoding: off or mtp [router.speculative, default off].
     #[arg(long)]
     pub speculative: Option<String>,
+    /// Stop speculating for a sequence whose drafts are accepted less often than this, 0..1
+    /// [router.speculative_min_acceptance, default 0.5; 0 = never].
+    #[arg(long)]
+    pub speculative_min_acceptance: Option<f64>,
 }
 
 impl Limits {
@@ -74,6 +78,7 @@ impl Limits {
         o.set("router.drain_timeout_secs", self.drain_timeout_secs);
         o.set("router.prefix_caching", self.prefix_caching);
         o.set("router.speculative", self.speculative.clone());
+        o.set("router.speculative_min_acceptance", self.speculative_min_acceptance);
     }
 }
 
@@ -99,6 +104,7 @@ pub fn router_options(s: &Settings, stages: Vec<String>, model: &Path) -> anyhow
         drain_timeout: Duration::from_secs(r.drain_timeout_secs),
         prefix_caching: r.prefix_caching,
         speculative: r.speculative == "mtp",
+        speculative_min_acceptance: r.speculative_min_acceptance,
         model_id,
         stage_tls: stage_tls(s)?,
         server_tls: server_tls(s)?,
