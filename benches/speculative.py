@@ -59,13 +59,14 @@ def main():
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--requests-per-stream", type=int, default=8)
     ap.add_argument("--json-out")
     a = ap.parse_args()
     cache = Path(os.environ.get("MLASERVE_CACHE", Path.home() / ".cache" / "mlaserve"))
     rows = []
     for name, model in checkpoints(cache).items():
         for c in [int(x) for x in a.concurrency.split(",")]:
-            requests = max(4, 4 * c)
+            requests = a.requests_per_stream * c
             base = run(a.bin, model, False, a.dtype, c, requests, a.prompt_len, a.new_tokens)
             spec = run(a.bin, model, True, a.dtype, c, requests, a.prompt_len, a.new_tokens)
             acc = spec["speculative_accepted"] / max(spec["speculative_drafts"], 1)
