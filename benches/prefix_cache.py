@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,14 +35,7 @@ def bench(binary, addr, a, requests, warmup):
 def run(a, model, caching):
     s = Serve(a.bin, model, 1, a.dtype, extra=["--prefix-caching", "true" if caching else "false"])
     try:
-        for _ in range(300):
-            try:
-                subprocess.run([a.bin, "bench", "--target", s.addr, "--concurrency", "1", "--requests", "1",
-                                "--warmup", "0", "--prompt-len", "4", "--output-len", "2", "--json"],
-                               capture_output=True, check=True)
-                break
-            except subprocess.CalledProcessError:
-                time.sleep(0.2)
+        s.wait_ready()
         # The warm-up requests also fill the cache with the shared prompt, as a running service has.
         return bench(a.bin, s.addr, a, a.requests, a.concurrency)
     finally:

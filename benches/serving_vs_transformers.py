@@ -50,6 +50,7 @@ class Serve:
     """`mlaserve serve` with P stages on a free port."""
 
     def __init__(self, binary, model, stages, dtype, extra=()):
+        self.binary = binary
         self.port = free_port()
         self.p = subprocess.Popen([binary, "serve", "--model", str(model), "--listen", f"127.0.0.1:{self.port}",
                                    "--stages", str(stages), "--dtype", dtype, *extra],
@@ -61,6 +62,16 @@ class Serve:
             if line.startswith("MLASERVE_LISTENING router"):
                 break
         self.addr = f"127.0.0.1:{self.port}"
+
+    def wait_ready(self):
+        """Until a tiny request succeeds (bench refuses while the pipeline is not up)."""
+        for _ in range(300):
+            try:
+                bench(self.binary, self.addr, 1, 1, 4, 2)
+                return
+            except subprocess.CalledProcessError:
+                time.sleep(0.2)
+        raise TimeoutError(f"mlaserve serve on {self.addr} did not become ready")
 
     def stop(self):
         self.p.terminate()
@@ -77,14 +88,7 @@ def bench(binary, addr, concurrency, requests, prompt_len, new_tokens):
 def serving_run(binary, model, stages, dtype, concurrency, requests, prompt_len, new_tokens):
     s = Serve(binary, model, stages, dtype)
     try:
-        time.sleep(1.0)
-        # Wait for the pipeline (bench refuses an unhealthy router).
-        for _ in range(300):
-            try:
-                bench(binary, s.addr, 1, 1, 4, 2)
-                break
-            except subprocess.CalledProcessError:
-                time.sleep(0.2)
+        s.wait_ready()
         router_cpu0 = cpu_seconds(s.p.pid)
         t0 = time.time()
         r = bench(binary, s.addr, concurrency, requests, prompt_len, new_tokens)

@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,12 +40,7 @@ def checkpoints(cache: Path):
 def run(binary, model, spec, dtype, concurrency, requests, prompt_len, new_tokens):
     s = Serve(binary, model, 1, dtype, extra=["--speculative", "mtp"] if spec else [])
     try:
-        for _ in range(300):
-            try:
-                bench(binary, s.addr, 1, 1, 4, 2)
-                break
-            except Exception:
-                time.sleep(0.2)
+        s.wait_ready()
         return bench(binary, s.addr, concurrency, requests, prompt_len, new_tokens)
     finally:
         s.stop()
