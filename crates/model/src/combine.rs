@@ -28,31 +28,28 @@ impl Combine {
         Ok(Combine::Add)
     }
 
-    /// Sums `partials` (`[N, H]`, partial `i` on `shards[i]`, None where the shard had no tokens)
-    /// onto `main`; zeros like `like` when no shard had any.
-    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    /// Sums the shards' partials (`[N, H]` on the shard's device, None where the shard had no
+    /// tokens) onto `main`; zeros like `like` when no shard had any.
     pub fn sum(
         &self,
-        partials: Vec<Option<Tensor>>,
-        shards: &[Device],
+        partials: Vec<(Option<Tensor>, Device)>,
         main: Device,
         like: &Tensor,
     ) -> Result<Tensor> {
         match self {
             Combine::Add => Ok(partials
                 .into_iter()
-                .flatten()
+                .filter_map(|(p, _)| p)
                 .map(|p| p.to_device(main))
                 .reduce(|a, b| a + b)
                 .unwrap_or_else(|| like.zeros_like())),
             #[cfg(feature = "cuda")]
             Combine::Nccl(comms) => {
                 // Every rank takes part in a collective, idle shards with zeros.
-                let root = shards.iter().position(|d| *d == main).unwrap_or(0);
+                let root = partials.iter().position(|(_, d)| *d == main).unwrap_or(0);
                 let full: Vec<Tensor> = partials
                     .into_iter()
-                    .zip(shards)
-                    .map(|(p, &d)| p.unwrap_or_else(|| Tensor::zeros(like.size(), (like.kind(), d))))
+                    .map(|(p, d)| p.unwrap_or_else(|| Tensor::zeros(like.size(), (like.kind(), d))))
                     .collect();
                 comms.reduce(full, root)
             }

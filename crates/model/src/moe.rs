@@ -219,9 +219,8 @@ impl Moe {
         };
         let _p = profile::section("moe.experts");
         // Shards launch in turn; on CUDA devices their kernels run concurrently until the combine.
-        let partials: Vec<Option<Tensor>> = self.shards.iter().map(|s| s.forward_partial(x, &d)).collect();
-        let devices: Vec<Device> = self.shards.iter().map(|s| s.device).collect();
-        let routed = self.combine.sum(partials, &devices, x.device(), x);
+        let partials = self.shards.iter().map(|s| (s.forward_partial(x, &d), s.device)).collect();
+        let routed = self.combine.sum(partials, x.device(), x);
         // Like a failed libtorch op, a failed collective fails this step (the worker turns the
         // panic into an INTERNAL status for it) rather than returning a wrong sum.
         let routed = routed.unwrap_or_else(|e| panic!("expert combine: {e}"));
@@ -328,9 +327,9 @@ mod tests {
                     inter: i,
                     device: Device::Cpu,
                 };
-                partials.push(shard.forward_partial(&x, &d));
+                partials.push((shard.forward_partial(&x, &d), Device::Cpu));
             }
-            let sum = Combine::Add.sum(partials, &vec![Device::Cpu; g as usize], Device::Cpu, &x).unwrap();
+            let sum = Combine::Add.sum(partials, Device::Cpu, &x).unwrap();
             let diff = (&sum - &want).abs().max().double_value(&[]);
             assert!(diff < 1e-9, "G={g}: {diff}");
         }

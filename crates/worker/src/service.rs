@@ -241,7 +241,7 @@ async fn process_step(
     let tokens = step.seqs.iter().map(|s| s.token_ids.len()).sum::<usize>();
     if step.seqs.is_empty() {
         // Housekeeping (releases only): nothing to trace.
-        return forward_or_answer(compute, step, layers, down_tx, up_tx, None).await;
+        return forward_or_answer(compute, step, layers, down_tx, up_tx, None, 0).await;
     }
     // A span per stage forward, parented to the router's step span (trace context in the message).
     let span = tracing::info_span!(
@@ -256,7 +256,7 @@ async fn process_step(
     );
     propagation::set_remote_parent(&span, propagation::extract_map(&step.trace_context));
     propagation::record_trace_id(&span);
-    forward_or_answer(compute, step, layers, down_tx, up_tx, metrics).instrument(span).await
+    forward_or_answer(compute, step, layers, down_tx, up_tx, metrics, tokens as u64).instrument(span).await
 }
 
 async fn forward_or_answer(
@@ -266,9 +266,9 @@ async fn forward_or_answer(
     down_tx: Option<&mpsc::Sender<StageMessage>>,
     up_tx: &mpsc::Sender<Result<StepResult, Status>>,
     metrics: Option<&StageMetrics>,
+    tokens: u64,
 ) -> bool {
     let step_id = step.step_id;
-    let tokens = step.seqs.iter().map(|s| s.token_ids.len()).sum::<usize>() as u64;
     let input = std::mem::take(&mut step.hidden);
     let mut to_run = step.clone();
     to_run.hidden = input;
