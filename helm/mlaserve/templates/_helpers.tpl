@@ -26,6 +26,22 @@ controller-revision-hash label ("<name>-<10 char hash>"). */}}
 {{- printf "%s-worker" (include "mlaserve.fullname" . | trunc 45 | trimSuffix "-") -}}
 {{- end -}}
 
+{{/* leaderworkerset mode: the LeaderWorkerSet, also the name of the headless Service the LWS
+controller creates (pods: <name>-<group> for the router, <name>-<group>-<index> for the stages).
+DNS-1035 (starts with a letter) and short enough for the controller-revision-hash label of the
+per-group worker StatefulSet ("<name>-<group>-<10 char hash>"). */}}
+{{- define "mlaserve.lwsName" -}}
+{{- include "mlaserve.fullname" . | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "mlaserve.lws" -}}
+{{- if eq .Values.deployment.mode "leaderworkerset" }}true{{ end -}}
+{{- end -}}
+
+{{- define "mlaserve.stageTokenSecret" -}}
+{{- default (printf "%s-stage-token" (include "mlaserve.fullname" . | trunc 50 | trimSuffix "-")) .Values.stageAuth.existingSecret -}}
+{{- end -}}
+
 {{- define "mlaserve.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
@@ -133,6 +149,19 @@ the first (numHiddenLayers mod stages) stages taking one more. */}}
 {{- toJson $addrs -}}
 {{- end -}}
 
+{{/* leaderworkerset mode: the stage addresses of the router's own group, in layer order. Stage i is
+worker index i+1 of the group; $(GROUP_INDEX) is the pod's leaderworkerset.sigs.k8s.io/group-index
+label (downward API), expanded by the kubelet in the container's args. */}}
+{{- define "mlaserve.groupStageAddresses" -}}
+{{- $lws := include "mlaserve.lwsName" . -}}
+{{- $suffix := ternary (printf "svc.%s" .Values.clusterDomain) "svc" (ne .Values.clusterDomain "") -}}
+{{- $addrs := list -}}
+{{- range $i := until (int .Values.worker.stages) -}}
+{{- $addrs = append $addrs (printf "%s-$(GROUP_INDEX)-%d.%s.%s.%s:%d" $lws (add1 $i) $lws $.Release.Namespace $suffix (int $.Values.worker.port)) -}}
+{{- end -}}
+{{- toJson $addrs -}}
+{{- end -}}
+
 {{/* "k=v,k=v" from telemetry.resourceAttributes, sorted by key. */}}
 {{- define "mlaserve.resourceAttributes" -}}
 {{- $pairs := list -}}
@@ -163,6 +192,31 @@ the first (numHiddenLayers mod stages) stages taking one more. */}}
 {{- end -}}
 {{- end -}}
 {{- $_ := include "mlaserve.layerRanges" . -}}
+{{- $d := .Values.deployment -}}
+{{- if include "mlaserve.lws" . -}}
+{{- if not (regexMatch "^[a-z]" (include "mlaserve.lwsName" .)) -}}
+{{- fail (printf "deployment.mode=leaderworkerset: the LeaderWorkerSet name %q must start with a letter (DNS-1035): set fullnameOverride" (include "mlaserve.lwsName" .)) -}}
+{{- end -}}
+{{- if and (eq (toString $d.rollingUpdate.maxUnavailable) "0") (eq (toString $d.rollingUpdate.maxSurge) "0") -}}
+{{- fail "deployment.rollingUpdate: maxUnavailable and maxSurge cannot both be 0 (no group could ever be updated)" -}}
+{{- end -}}
+{{- if and $d.stagesPerDomain (ne (mod (int $w.stages) (int $d.stagesPerDomain)) 0) -}}
+{{- fail (printf "deployment.stagesPerDomain (%d) must divide worker.stages (%d): each domain holds whole subgroups of stages" (int $d.stagesPerDomain) (int $w.stages)) -}}
+{{- end -}}
+{{- if and $d.stagesPerDomain (or (not $d.topologyKey) (eq $d.topologyScope "group")) -}}
+{{- fail "deployment.stagesPerDomain needs deployment.topologyKey with deployment.topologyScope=workers" -}}
+{{- end -}}
+{{- else -}}
+{{- if ne (int $d.replicas) 1 -}}
+{{- fail (printf "deployment.replicas is %d but deployment.mode is statefulset (one pipeline): use deployment.mode=leaderworkerset for replicated pipelines" (int $d.replicas)) -}}
+{{- end -}}
+{{- if $d.topologyKey -}}
+{{- fail "deployment.topologyKey needs deployment.mode=leaderworkerset" -}}
+{{- end -}}
+{{- end -}}
+{{- if and (eq .Values.stageAuth.mode "tls") (not .Values.tls.internal.enabled) -}}
+{{- fail "stageAuth.mode=tls closes the stages with mutual TLS: enable tls.internal (with its Secrets)" -}}
+{{- end -}}
 {{- end -}}
 
 {{/* "key = value" lines of a map, sorted; JSON strings, numbers and booleans are valid TOML. */}}
@@ -174,7 +228,9 @@ the first (numHiddenLayers mod stages) stages taking one more. */}}
 {{- join "\n" $lines -}}
 {{- end -}}
 
-{{/* Environment shared by router and workers: pod identity for telemetry and threads. */}}
+{{/* Environment shared by router and workers: pod identity for telemetry and threads; in
+leaderworkerset mode the group (and, for workers, the index in the group) from the labels the LWS
+webhook puts on every pod. Usage: include "mlaserve.env" (dict "c" .Values.worker "lws" true "worker" true) */}}
 {{- define "mlaserve.env" -}}
 - name: POD_NAME
   valueFrom: {fieldRef: {fieldPath: metadata.name}}
@@ -182,13 +238,24 @@ the first (numHiddenLayers mod stages) stages taking one more. */}}
   valueFrom: {fieldRef: {fieldPath: metadata.namespace}}
 - name: NODE_NAME
   valueFrom: {fieldRef: {fieldPath: spec.nodeName}}
+{{- if .lws }}
+- name: GROUP_INDEX
+  valueFrom: {fieldRef: {fieldPath: "metadata.labels['leaderworkerset.sigs.k8s.io/group-index']"}}
+{{- if .worker }}
+- name: WORKER_INDEX
+  valueFrom: {fieldRef: {fieldPath: "metadata.labels['leaderworkerset.sigs.k8s.io/worker-index']"}}
+{{- end }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: "k8s.namespace.name=$(POD_NAMESPACE),k8s.pod.name=$(POD_NAME),k8s.node.name=$(NODE_NAME),mlaserve.group=$(GROUP_INDEX)"
+{{- else }}
 - name: OTEL_RESOURCE_ATTRIBUTES
   value: "k8s.namespace.name=$(POD_NAMESPACE),k8s.pod.name=$(POD_NAME),k8s.node.name=$(NODE_NAME)"
-{{- if .threads }}
-- name: MLASERVE_THREADS
-  value: {{ .threads | quote }}
 {{- end }}
-{{- with .extraEnv }}
+{{- if .c.threads }}
+- name: MLASERVE_THREADS
+  value: {{ .c.threads | quote }}
+{{- end }}
+{{- with .c.extraEnv }}
 {{ toYaml . }}
 {{- end }}
 {{- end -}}
