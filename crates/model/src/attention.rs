@@ -12,6 +12,8 @@ use crate::error::Result;
 use crate::kernels;
 use crate::linear::{forward_weight, Linear};
 use crate::loader::LoadCtx;
+/// Re-exported from `loader`, where the load options live (it was defined here before).
+pub use crate::loader::PrefillForm;
 use crate::norm::RmsNorm;
 use crate::profile;
 use crate::rope::{self, permute_rope_rows};
@@ -37,16 +39,6 @@ pub struct Mla {
     rkv: i64,
     scale: f64,
     prefill: PrefillForm,
-}
-
-/// How a long prefill chunk attends. Both forms read the same latent cache and compute the same
-/// function; `Auto` picks the cheaper one per chunk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum PrefillForm {
-    #[default]
-    Auto,
-    Absorbed,
-    Expanded,
 }
 
 /// Upper bound on attention-score elements materialised at once by a long prefill.

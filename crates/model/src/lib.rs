@@ -27,12 +27,11 @@ pub mod sampling;
 pub mod speculative;
 pub mod weights;
 
-pub use attention::PrefillForm;
 pub use batch::{SeqStep, StepPlan};
 pub use cache::LatentCache;
 pub use dtype::DType;
 pub use engine::{Engine, EngineRequest, EngineStats};
 pub use error::{ModelError, Result};
-pub use loader::LoadOptions;
+pub use loader::{LoadOptions, PrefillForm};
 pub use model::Model;
 pub use sampling::{SampleOutput, Sampler};

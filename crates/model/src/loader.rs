@@ -1,16 +1,26 @@
-//! Load-time options and the small context every module's `load` reads its tensors through.
+//! Load-time options and the small context every module's `load` reads its tensors through. Below the
+//! modules it loads: it imports none of them (attention reads its `PrefillForm` from here).
 
 use std::ops::Range;
 
 use mlaserve_core::ModelConfig;
 use tch::{Device, Kind, Tensor};
 
-use crate::attention::PrefillForm;
 use crate::combine::Combine;
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::norm::RmsNorm;
 use crate::weights::Checkpoint;
+
+/// How a long prefill chunk attends. Both forms read the same latent cache and compute the same
+/// function; `Auto` picks the cheaper one per chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PrefillForm {
+    #[default]
+    Auto,
+    Absorbed,
+    Expanded,
+}
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
