@@ -232,6 +232,8 @@ REJECTED = [
     ({"deployment": {"mode": "leaderworkerset", "stagesPerDomain": 1}}, "deployment.stagesPerDomain needs deployment.topologyKey"),
     ({"deployment": {"mode": "leaderworkerset", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 0}}},
      "maxUnavailable and maxSurge cannot both be 0"),
+    ({"deployment": {"mode": "leaderworkerset", "rollingUpdate": {"maxUnavailable": "0%", "maxSurge": 0}}},
+     "maxUnavailable and maxSurge cannot both be 0"),
     ({"deployment": {"mode": "leaderworkerset", "rollingUpdate": {"maxSurge": "200%"}}}, "at '/deployment/rollingUpdate/maxSurge'"),
     ({"deployment": {"mode": "leaderworkerset", "replicas": -1}}, "at '/deployment/replicas': minimum"),
     ({"deployment": {"mode": "leaderworkerset", "topologyKey": "bad key"}}, "at '/deployment/topologyKey'"),
@@ -317,7 +319,12 @@ def test_groups(helm, case, tmp_path):
     sp = worker_c["startupProbe"]
     assert sp["periodSeconds"] * sp["failureThreshold"] >= (60 if v["model"]["source"] == "demo" else 1800)
     assert router_c["livenessProbe"]["tcpSocket"] == {"port": "grpc"}
-    assert router_c["readinessProbe"].get("grpc", {}).get("port", port_of(router_c, "grpc")) == port_of(router_c, "grpc")
+    # The router (hence the group) is Ready when its whole pipeline is: gRPC health "".
+    rp, rport = router_c["readinessProbe"], port_of(router_c, "grpc")
+    if v["tls"]["public"]["enabled"]:
+        assert f"-addr=127.0.0.1:{rport}" in rp["exec"]["command"] and not any(a.startswith("-service") for a in rp["exec"]["command"])
+    else:
+        assert rp["grpc"] == {"port": rport}
 
     # PDBs select their component in every group.
     for pdb in by_kind(docs, "PodDisruptionBudget"):

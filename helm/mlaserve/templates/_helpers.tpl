@@ -197,7 +197,7 @@ label (downward API), expanded by the kubelet in the container's args. */}}
 {{- if not (regexMatch "^[a-z]" (include "mlaserve.lwsName" .)) -}}
 {{- fail (printf "deployment.mode=leaderworkerset: the LeaderWorkerSet name %q must start with a letter (DNS-1035): set fullnameOverride" (include "mlaserve.lwsName" .)) -}}
 {{- end -}}
-{{- if and (eq (toString $d.rollingUpdate.maxUnavailable) "0") (eq (toString $d.rollingUpdate.maxSurge) "0") -}}
+{{- if and (has (toString $d.rollingUpdate.maxUnavailable) (list "0" "0%")) (has (toString $d.rollingUpdate.maxSurge) (list "0" "0%")) -}}
 {{- fail "deployment.rollingUpdate: maxUnavailable and maxSurge cannot both be 0 (no group could ever be updated)" -}}
 {{- end -}}
 {{- if and $d.stagesPerDomain (ne (mod (int $w.stages) (int $d.stagesPerDomain)) 0) -}}
