@@ -27,11 +27,11 @@ pub use inventory::{checkpoint_tensors, stage_tensors, Component, Placement, Rol
 pub use stored::{Stored, StoredFormats, WeightFormat};
 
 /// Memory each device keeps free of weights and cache (default of `mlaserve plan --reserve`): the CUDA
-/// context and libtorch's caching-allocator slack (about 1 GiB), NCCL buffers for the expert combine,
-/// and a step's activations (at the router's default 512 batch tokens well under 1 GiB for
-/// DeepSeek-V3: hidden states, expert intermediates, a 128 MiB attention-score tile, lm_head rows).
-/// An estimate with headroom, not a measurement.
-pub const RUNTIME_RESERVE_BYTES: u64 = 4 << 30;
+/// context and NCCL's buffers (1-2 GiB together), the caching allocator's slack, a step's activations
+/// (at the router's default 512 batch tokens well under 1 GiB for DeepSeek-V3), and room for one
+/// layer's weights dequantised to bf16 where the FP8 path must dequantise (32 experts of a DeepSeek-V3
+/// layer: 2.6 GiB). An estimate with headroom, not a measurement; the same ~8 GiB docs/deploy.md uses.
+pub const RUNTIME_RESERVE_BYTES: u64 = 8 << 30;
 
 /// A plan fits only if every stage can also cache at least this many tokens (one 4K-token sequence):
 /// weights that fit with no room for a useful cache do not make a deployment.

@@ -159,7 +159,7 @@ impl StoredFormats {
     /// Where the formats come from, for reports.
     pub fn source(&self) -> String {
         match self.files_read {
-            0 => "config.json (DeepSeek-V3 convention; no weight files read)".into(),
+            0 => "config.json by the DeepSeek-V3 convention (no weight files)".into(),
             1 => "safetensors header of 1 file".into(),
             n => format!("safetensors headers of {n} files"),
         }

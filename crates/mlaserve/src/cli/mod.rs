@@ -7,6 +7,7 @@ mod cuda;
 mod demo;
 mod generate;
 mod logits;
+mod plan;
 mod router;
 mod serve;
 mod settings;
@@ -53,6 +54,9 @@ enum Command {
     DemoModel,
     /// Print the effective configuration (defaults < --config file < MLASERVE_* environment) as TOML.
     Config,
+    /// Plan a deployment: weights per stage and device by component, latent cache per token, KV
+    /// capacity, longest context, and whether it fits (reads config.json and safetensors headers only).
+    Plan(plan::Args),
     /// Print balanced layer ranges for a pipeline of P stages (one START..END per line).
     PlanStages {
         /// Checkpoint directory (only config.json is read).
@@ -86,6 +90,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", demo::ensure_demo_model()?.display());
             Ok(())
         }
+        Command::Plan(a) => plan::run(a),
         Command::PlanStages { model, stages } => {
             let c = mlaserve_core::ModelConfig::from_dir(&model)?;
             let ranges = c.balanced_stages(stages).ok_or_else(|| {
