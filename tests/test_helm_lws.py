@@ -22,7 +22,7 @@ import yaml
 from conftest import BIN, CUDA_BIN, ROOT
 from test_helm import (CHART, DEFAULTS, DEPLOY, FULL, KUBE_VERSIONS, NS, RELEASE, ROUTER, STAGE_SERVICE, WORKER,
                        PodSandbox, assert_files_exist, by_kind, checked_settings, containers, expected_ranges, helm,
-                       helm_run, merged, need_stage_token, one, port_of, render)
+                       helm_run, merged, need_stage_token, one, port_of, render, start, stop, wait_serving)
 
 assert helm  # the session fixture, imported for pytest
 
@@ -493,6 +493,59 @@ def test_worker_wrapper_refuses_an_index_beyond_the_stages(helm, tmp_path):
     sb = LwsSandbox(tmp_path / "w", f"{LWS}-0-3", tpl, docs)
     p = sb.run(tpl["spec"]["containers"][0], check=True)
     assert p.returncode == 1 and f"pod {LWS}-0-3 (index 3 in group 0) has no stage: groups of this release have 2 stages" in p.stderr
+
+
+def test_demo_values_serve_two_groups(helm, tmp_path):
+    """ci/demo-cpu-lws-values.yaml as processes on loopback: every pod of both groups runs its rendered
+    command (init containers build the demo model; workers pick their layers from the worker-index
+    label; the stage token from the generated Secret's mount), each router reaches exactly its own
+    group's stages through the names the kubelet expands, and both stream the same completion.
+    Pod DNS is stood in for by mapping each stage name to that worker's loopback address."""
+    import harness
+
+    values = CASES["ci/demo-cpu-lws-values"]
+    v = merged(DEFAULTS, values)
+    need_stage_token(v)
+    docs = render(helm, values, tmp_path)
+    pods = list(lws_pods(docs))
+    loopback = {"LISTEN": "127.0.0.1:0", "METRICS_LISTEN": "127.0.0.1:0"}
+    procs, stage_addr, routers = [], {}, {}
+    try:
+        for role in ("worker", "router"):
+            for pod, r, g, _, tpl in pods:
+                if r != role:
+                    continue
+                sb = LwsSandbox(tmp_path / pod, pod, tpl, docs)
+                for init in tpl["spec"].get("initContainers", []):
+                    assert sb.run(init, check=False).returncode == 0
+                c = copy.deepcopy(tpl["spec"]["containers"][0])
+                env = {f"MLASERVE_{role.upper()}__{k}": a for k, a in loopback.items()}
+                if role == "router":
+                    names = [expand(a, sb.env(c)) for a in c["args"]]
+                    stages = [names[i + 1] for i, a in enumerate(names) if a == "--stage"]
+                    assert stages == [f"{LWS}-{g}-{k + 1}.{LWS}.{NS}.svc:{v['worker']['port']}" for k in range(v["worker"]["stages"])]
+                    c["args"] = [stage_addr.get(a, a) for a in names]
+                p, addr, _ = start(sb, c, env, role, tmp_path / f"{pod}.log")
+                procs.append(p)
+                if role == "worker":
+                    wait_serving(addr, c["readinessProbe"]["grpc"]["service"], p)
+                    stage_addr[f"{pod_dns(tpl, v)}:{port_of(c, 'grpc')}"] = addr
+                else:
+                    wait_serving(addr, "", p)
+                    routers[g] = addr
+        assert sorted(routers) == list(range(v["deployment"]["replicas"]))
+        outs = []
+        for g, addr in sorted(routers.items()):
+            info = harness.model_info(addr)
+            assert info.healthy and [(s.layer_start, s.layer_end) for s in info.stages] == \
+                [tuple(map(int, r.split(".."))) for r in expected_ranges(v)]
+            s, ch = harness.stub(addr)
+            with ch:
+                outs.append(harness.generate(s, input_ids=harness.pb.TokenIds(ids=[3, 4, 5]), **harness.greedy(8)).ids)
+        assert len(outs[0]) == 8 and all(o == outs[0] for o in outs)
+    finally:
+        for p in reversed(procs):
+            stop(p)
 
 
 def test_notes_describe_the_groups(helm, tmp_path):
