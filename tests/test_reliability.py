@@ -75,7 +75,7 @@ def _bad_requests():
         ("presence", dict(input_ids=ids, sampling=sp(presence_penalty=-2.5)), inv),
         ("top_logprobs", dict(input_ids=ids, top_logprobs=21), inv),
         ("max_new_tokens 0", dict(input_ids=ids, stopping=st(max_new_tokens=0)), inv),
-        ("max_new_tokens > limit", dict(input_ids=ids, stopping=st(max_new_tokens=4097)), inv),
+        ("max_new_tokens > limit", dict(input_ids=ids, stopping=st(max_new_tokens=32769)), inv),
         ("prompt + max over context", dict(input_ids=pb.TokenIds(ids=[3] * 3000), stopping=st(max_new_tokens=3000)),
          inv),
         ("prompt over context", dict(input_ids=pb.TokenIds(ids=[3] * 5000)), inv),

@@ -263,11 +263,24 @@ def test_invalid_requests_name_the_field(small2, name, fields, needle):
 
 
 def test_prompt_longer_than_the_context(small2):
+    """Beyond the model's context a request is invalid; within it but beyond what the latent cache
+    pool holds for one sequence it is RESOURCE_EXHAUSTED, naming the limit."""
     s, ch = stub(small2)
     info = model_info(small2)
+    assert info.kv_capacity_tokens == info.kv_blocks_total * info.block_size
+    assert info.max_total_tokens == min(info.max_position_embeddings, info.kv_capacity_tokens)
     with pytest.raises(grpc.RpcError) as e:
-        generate(s, input_ids=pb.TokenIds(ids=[5] * (info.max_total_tokens + 1)), **greedy(1))
+        generate(s, input_ids=pb.TokenIds(ids=[5] * (info.max_position_embeddings + 1)), **greedy(1))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "context" in e.value.details()
+    if info.max_total_tokens < info.max_position_embeddings:
+        for ids, new in [([5] * info.max_total_tokens, 1), ([5] * 4, info.max_total_tokens)]:
+            with pytest.raises(grpc.RpcError) as e:
+                generate(s, input_ids=pb.TokenIds(ids=ids), **greedy(new))
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
+            assert f"{info.max_total_tokens} tokens" in e.value.details()
+        # Unset max_new_tokens is capped to what fits.
+        r = generate(s, input_ids=pb.TokenIds(ids=[5] * (info.max_total_tokens - 2)))
+        assert r.usage.completion_tokens <= 2
     ch.close()
 
 

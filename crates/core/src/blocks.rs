@@ -2,14 +2,17 @@
 //! sequences as block tables, with prefix caching.
 //!
 //! A full block's contents are determined by the tokens it holds and all tokens before it, so it is
-//! named by a hash chain over token blocks. Full blocks can be registered under that hash; a new
+//! named by a hash chain over token blocks: 128 bits of SipHash under keys drawn at random for each
+//! allocator, so block names can neither collide by chance nor be predicted by a client crafting
+//! prompts (vLLM's CVE-2025-25183 came from predictable prefix hashes). Full blocks can be registered under that hash; a new
 //! sequence whose prompt starts with the same tokens takes the registered blocks (reference counted)
 //! instead of recomputing them. Only full blocks are shared, so nobody ever writes into a shared
 //! block. Registered blocks that no sequence holds stay cached until their space is needed, then
 //! the least recently used go first. The scheduler owns one allocator; workers only see block ids.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BlockError {
@@ -29,24 +32,50 @@ pub fn slot_of(block_table: &[u32], block_size: usize, pos: usize) -> usize {
     block_table[pos / block_size] as usize * block_size + pos % block_size
 }
 
-/// Hash naming a full block: its tokens and, through `parent`, everything before them.
-pub fn block_hash(parent: u64, tokens: &[u32]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    parent.hash(&mut h);
-    tokens.hash(&mut h);
-    h.finish()
+/// Name of a full block.
+pub type BlockHash = u128;
+
+/// Names full blocks: two SipHash-1-3 instances with independent random keys give 128 bits.
+#[derive(Debug, Clone)]
+pub struct BlockHasher {
+    hi: RandomState,
+    lo: RandomState,
 }
 
-/// The hash chain of the full blocks of `tokens`.
-pub fn block_hashes(tokens: &[u32], block_size: usize) -> Vec<u64> {
-    let mut parent = 0u64;
-    tokens
-        .chunks_exact(block_size)
-        .map(|b| {
-            parent = block_hash(parent, b);
-            parent
-        })
-        .collect()
+impl Default for BlockHasher {
+    fn default() -> Self {
+        BlockHasher { hi: RandomState::new(), lo: RandomState::new() }
+    }
+}
+
+impl BlockHasher {
+    /// The name of a full block holding `tokens`, after the block named `parent` (0 for the first).
+    pub fn block(&self, parent: BlockHash, tokens: &[u32]) -> BlockHash {
+        let half = |s: &RandomState| {
+            let mut h = s.build_hasher();
+            parent.hash(&mut h);
+            tokens.hash(&mut h);
+            h.finish()
+        };
+        (u128::from(half(&self.hi)) << 64) | u128::from(half(&self.lo))
+    }
+
+    /// Extends the hash chain `hashes` over the full blocks of `tokens`.
+    pub fn extend_chain(&self, hashes: &mut Vec<BlockHash>, tokens: &[u32], block_size: usize) {
+        let full = tokens.len() / block_size;
+        let mut parent = hashes.last().copied().unwrap_or(0);
+        for b in hashes.len()..full {
+            parent = self.block(parent, &tokens[b * block_size..(b + 1) * block_size]);
+            hashes.push(parent);
+        }
+    }
+
+    /// The hash chain of the full blocks of `tokens`.
+    pub fn chain(&self, tokens: &[u32], block_size: usize) -> Vec<BlockHash> {
+        let mut v = Vec::with_capacity(tokens.len() / block_size);
+        self.extend_chain(&mut v, tokens, block_size);
+        v
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -62,13 +91,14 @@ pub struct BlockAllocator {
     free: Vec<u32>,
     refs: Vec<u32>,
     /// Registered block → its hash; and hash → block.
-    hash_of: Vec<Option<u64>>,
-    by_hash: HashMap<u64, u32>,
+    hash_of: Vec<Option<BlockHash>>,
+    by_hash: HashMap<BlockHash, u32>,
     /// Registered blocks nobody holds, by last use (oldest first): reusable or evictable.
     idle: BTreeMap<u64, u32>,
     idle_since: Vec<Option<u64>>,
     clock: u64,
     stats: PrefixStats,
+    hasher: BlockHasher,
 }
 
 impl BlockAllocator {
@@ -86,6 +116,7 @@ impl BlockAllocator {
             idle_since: vec![None; num_blocks],
             clock: 0,
             stats: PrefixStats::default(),
+            hasher: BlockHasher::default(),
         }
     }
 
@@ -113,6 +144,16 @@ impl BlockAllocator {
 
     pub fn prefix_stats(&self) -> &PrefixStats {
         &self.stats
+    }
+
+    /// The keyed hasher naming this allocator's blocks.
+    pub fn hasher(&self) -> &BlockHasher {
+        &self.hasher
+    }
+
+    /// References held on `block` (0 = free or idle cached).
+    pub fn ref_count(&self, block: u32) -> u32 {
+        self.refs.get(block as usize).copied().unwrap_or(0)
     }
 
     fn forget(&mut self, b: u32) {
@@ -187,7 +228,7 @@ impl BlockAllocator {
 
     /// Records that `table[i]` holds the full block named `hashes[i]` (a sequence's computed tokens),
     /// so later prompts starting the same way can reuse it. Already known hashes are left alone.
-    pub fn register(&mut self, hashes: &[u64], table: &[u32]) {
+    pub fn register(&mut self, hashes: &[BlockHash], table: &[u32]) {
         for (&h, &b) in hashes.iter().zip(table) {
             if self.hash_of[b as usize].is_some() || self.by_hash.contains_key(&h) {
                 continue;
@@ -199,7 +240,7 @@ impl BlockAllocator {
 
     /// Takes (a reference to) the cached blocks matching the leading full blocks of a prompt with
     /// block hashes `hashes`, at most `max_blocks` of them; returns the blocks, in order.
-    pub fn match_prefix(&mut self, hashes: &[u64], max_blocks: usize) -> Vec<u32> {
+    pub fn match_prefix(&mut self, hashes: &[BlockHash], max_blocks: usize) -> Vec<u32> {
         let wanted = &hashes[..hashes.len().min(max_blocks)];
         self.stats.queries += wanted.len() as u64;
         let mut out = Vec::new();
@@ -260,19 +301,33 @@ mod tests {
 
     #[test]
     fn hash_chains_depend_on_everything_before() {
-        let a = block_hashes(&[1, 2, 3, 4, 5, 6, 7, 8, 9], 4);
-        let b = block_hashes(&[1, 2, 3, 4, 5, 6, 7, 8], 4);
-        let c = block_hashes(&[0, 2, 3, 4, 5, 6, 7, 8], 4);
+        let h = BlockHasher::default();
+        let a = h.chain(&[1, 2, 3, 4, 5, 6, 7, 8, 9], 4);
+        let b = h.chain(&[1, 2, 3, 4, 5, 6, 7, 8], 4);
+        let c = h.chain(&[0, 2, 3, 4, 5, 6, 7, 8], 4);
         assert_eq!(a.len(), 2, "only full blocks");
         assert_eq!(a, b);
         assert_ne!(a[1], c[1], "same tokens after a different prefix are a different block");
+        let mut grown = h.chain(&[1, 2, 3, 4], 4);
+        h.extend_chain(&mut grown, &[1, 2, 3, 4, 5, 6, 7, 8], 4);
+        assert_eq!(grown, a, "extending a chain equals hashing the whole");
+    }
+
+    #[test]
+    fn block_names_are_keyed_per_hasher_and_use_128_bits() {
+        let (x, y) = (BlockHasher::default(), BlockHasher::default());
+        let tokens = [5u32, 6, 7, 8];
+        assert_ne!(x.block(0, &tokens), y.block(0, &tokens), "independent random keys");
+        let names: std::collections::HashSet<BlockHash> = (0..2000u32).map(|t| x.block(0, &[t])).collect();
+        assert_eq!(names.len(), 2000);
+        assert!(names.iter().any(|n| n >> 64 != 0) && names.iter().any(|n| (*n as u64) != 0));
     }
 
     #[test]
     fn prefix_blocks_are_shared_cached_and_evicted_last_used_first() {
         let mut a = BlockAllocator::new(4, 2);
         let prompt = [7u32, 8, 9, 10, 11];
-        let hs = block_hashes(&prompt, 2);
+        let hs = a.hasher().chain(&prompt, 2);
         let t1 = a.allocate(3).unwrap();
         a.register(&hs, &t1);
         // A second sequence with the same prompt shares the two full blocks.

@@ -8,6 +8,7 @@ pub mod model_config;
 pub mod plan;
 pub mod rope_scaling;
 pub mod sampling;
+pub mod sched;
 pub mod settings;
 #[cfg(test)]
 mod test_configs;

@@ -56,6 +56,13 @@ impl SamplingParams {
         self.repetition_penalty != 1.0 || self.frequency_penalty != 0.0 || self.presence_penalty != 0.0
     }
 
+    /// The one rule, for router and stages alike, of whether a request may decode speculatively:
+    /// penalties depend on every token before the one sampled, which a draft's verification in the
+    /// same forward pass does not have.
+    pub fn may_speculate(&self) -> bool {
+        !self.has_penalties()
+    }
+
     pub fn wants_logprobs(&self) -> bool {
         self.logprobs || self.top_logprobs > 0
     }

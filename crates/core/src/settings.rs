@@ -49,7 +49,8 @@ pub struct RouterSettings {
     pub max_queue: usize,
     /// Steps in flight at once; 0 = one per pipeline stage.
     pub max_steps_in_flight: usize,
-    /// Largest `max_new_tokens` a request may ask for.
+    /// Largest `max_new_tokens` a request may ask for (also bounded by the context and the cache
+    /// pool); the default covers long reasoning traces.
     pub max_new_tokens: usize,
     /// `max_new_tokens` for requests that leave it unset (capped by the context left).
     pub default_max_new_tokens: usize,
@@ -85,7 +86,7 @@ impl Default for RouterSettings {
             max_running: 256,
             max_queue: 1024,
             max_steps_in_flight: 0,
-            max_new_tokens: 4096,
+            max_new_tokens: 32768,
             default_max_new_tokens: 256,
             max_input_tokens: 0,
             max_stop_sequences: 8,
@@ -115,8 +116,12 @@ pub struct WorkerSettings {
     pub device: String,
     /// "auto" (bf16 on cuda, f32 on cpu), "f32" or "bf16".
     pub dtype: String,
-    /// Blocks in this stage's latent cache.
+    /// Blocks in this stage's latent cache; 0 = sized by `kv_cache_memory`, or 1024 without it.
+    /// An explicit count overrides `kv_cache_memory`.
     pub kv_blocks: usize,
+    /// Memory for the latent cache: a fraction in (0, 1] of the memory free after the weights are
+    /// loaded (host memory on cpu, device memory on cuda), or a size such as "8GiB"; empty = off.
+    pub kv_cache_memory: String,
     /// Token slots per cache block (all stages must agree).
     pub block_size: usize,
     /// Prometheus `/metrics` HTTP address; empty = off.
@@ -132,7 +137,8 @@ impl Default for WorkerSettings {
             expert_shards: 1,
             device: "cpu".into(),
             dtype: "auto".into(),
-            kv_blocks: 1024,
+            kv_blocks: 0,
+            kv_cache_memory: String::new(),
             block_size: 16,
             metrics_listen: String::new(),
         }
@@ -151,7 +157,9 @@ pub struct ServeSettings {
     pub expert_shards: usize,
     pub device: String,
     pub dtype: String,
+    /// As `worker.kv_blocks` and `worker.kv_cache_memory`, for every stage.
     pub kv_blocks: usize,
+    pub kv_cache_memory: String,
     pub block_size: usize,
 }
 
@@ -164,7 +172,8 @@ impl Default for ServeSettings {
             expert_shards: 1,
             device: "cpu".into(),
             dtype: "auto".into(),
-            kv_blocks: 1024,
+            kv_blocks: 0,
+            kv_cache_memory: String::new(),
             block_size: 16,
         }
     }
@@ -221,6 +230,10 @@ pub struct SecuritySettings {
     pub auth_token_file: String,
     /// Environment variable holding the bearer token (default MLASERVE_AUTH_TOKEN).
     pub auth_token_env: String,
+    /// File holding the shared stage token: workers accept `Stage` calls only with it, the router
+    /// (and each stage towards the next) sends it. Empty = stages are open (use mutual TLS or a
+    /// network policy instead).
+    pub stage_token_file: String,
 }
 
 /// Keys whose environment value is a comma-separated list.
@@ -308,7 +321,7 @@ impl Settings {
             parse_layers(&w.layers).map_err(|m| bad("worker.layers", m))?;
         }
         positive("worker.expert_shards", w.expert_shards)?;
-        positive("worker.kv_blocks", w.kv_blocks)?;
+        parse_kv_cache_memory(&w.kv_cache_memory).map_err(|m| bad("worker.kv_cache_memory", m))?;
         positive("worker.block_size", w.block_size)?;
         device("worker.device", &w.device)?;
         dtype("worker.dtype", &w.dtype)?;
@@ -316,7 +329,7 @@ impl Settings {
         addr("serve.listen", &s.listen, false)?;
         positive("serve.stages", s.stages)?;
         positive("serve.expert_shards", s.expert_shards)?;
-        positive("serve.kv_blocks", s.kv_blocks)?;
+        parse_kv_cache_memory(&s.kv_cache_memory).map_err(|m| bad("serve.kv_cache_memory", m))?;
         positive("serve.block_size", s.block_size)?;
         device("serve.device", &s.device)?;
         dtype("serve.dtype", &s.dtype)?;
@@ -371,6 +384,37 @@ fn dtype(key: &str, v: &str) -> Result<(), SettingsError> {
     }
 }
 
+/// How much memory the latent cache may take.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KvCacheMemory {
+    /// Share of the memory free after loading the weights.
+    Fraction(f64),
+    Bytes(u64),
+}
+
+/// Blocks in the cache when neither `kv_blocks` nor `kv_cache_memory` is given.
+pub const DEFAULT_KV_BLOCKS: usize = 1024;
+
+/// Parses `kv_cache_memory`: "" (off), a fraction in (0, 1] such as "0.9", or a size with a unit.
+pub fn parse_kv_cache_memory(s: &str) -> Result<Option<KvCacheMemory>, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if let Ok(f) = s.parse::<f64>() {
+        return if f > 0.0 && f <= 1.0 {
+            Ok(Some(KvCacheMemory::Fraction(f)))
+        } else {
+            Err(format!("{s:?}: a bare number is a fraction in (0, 1]; write a size with a unit, e.g. 8GiB"))
+        };
+    }
+    match crate::byte_size::parse_bytes(s) {
+        Ok(0) => Err("must be positive".into()),
+        Ok(b) => Ok(Some(KvCacheMemory::Bytes(b))),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Parses "START..END" (END exclusive, non-empty).
 pub fn parse_layers(s: &str) -> Result<std::ops::Range<usize>, String> {
     let (a, b) = s.split_once("..").ok_or_else(|| format!("expected START..END, got {s:?}"))?;
@@ -385,6 +429,17 @@ pub fn parse_layers(s: &str) -> Result<std::ops::Range<usize>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kv_cache_memory_is_a_fraction_or_a_size() {
+        assert_eq!(parse_kv_cache_memory(""), Ok(None));
+        assert_eq!(parse_kv_cache_memory("0.9"), Ok(Some(KvCacheMemory::Fraction(0.9))));
+        assert_eq!(parse_kv_cache_memory("1"), Ok(Some(KvCacheMemory::Fraction(1.0))));
+        assert_eq!(parse_kv_cache_memory("8GiB"), Ok(Some(KvCacheMemory::Bytes(8 << 30))));
+        assert!(parse_kv_cache_memory("0").is_err());
+        assert!(parse_kv_cache_memory("1.5").is_err());
+        assert!(parse_kv_cache_memory("0GiB").is_err());
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
@@ -427,6 +482,8 @@ mod tests {
             (env(&[("MLASERVE_ROUTER__LISTEN", "nowhere")]), "router.listen"),
             (env(&[("MLASERVE_TELEMETRY__LOG_FORMAT", "xml")]), "telemetry.log_format"),
             (env(&[("MLASERVE_ROUTER__MAX_QEUE", "3")]), "max_qeue"),
+            (env(&[("MLASERVE_WORKER__KV_CACHE_MEMORY", "2")]), "worker.kv_cache_memory"),
+            (env(&[("MLASERVE_SERVE__KV_CACHE_MEMORY", "lots")]), "serve.kv_cache_memory"),
         ];
         for (e, key) in cases {
             let err = Settings::load(None, e.clone(), &[]).unwrap_err().to_string();

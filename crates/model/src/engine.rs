@@ -1,9 +1,11 @@
 //! Single-process continuous batching over the paged cache: every request is prefilled in chunks
 //! under a per-step token budget, mixed with the decodes of requests already running, and leaves the
-//! batch when done. This is what `mlaserve generate` runs; the router drives the same steps over
-//! pipeline stages.
+//! batch when done. This is what `mlaserve generate` runs. The steps come from the same planner the
+//! router uses over pipeline stages (`mlaserve_core::sched`), so there is one batching policy and
+//! the parity tests exercise it, preemption included when the cache is small.
 
-use mlaserve_core::{BlockAllocator, SamplingParams};
+use mlaserve_core::sched::{Planner, PlannerConfig, SampleOutcome, SeqId, SeqSpec};
+use mlaserve_core::SamplingParams;
 
 use crate::batch::SeqStep;
 use crate::cache::LatentCache;
@@ -19,14 +21,6 @@ pub struct EngineRequest {
     pub params: SamplingParams,
     /// Generation ends after any of these tokens (e.g. EOS), which is kept in the output.
     pub stop_ids: Vec<u32>,
-}
-
-struct Seq {
-    tokens: Vec<u32>,
-    prompt_len: usize,
-    cached: usize,
-    table: Vec<u32>,
-    done: bool,
 }
 
 /// Wall-clock split of the last `generate` call.
@@ -45,20 +39,27 @@ pub struct Engine<'m> {
     stats: EngineStats,
     model: &'m Model,
     cache: LatentCache,
-    alloc: BlockAllocator,
-    step_tokens: usize,
+    planner: Planner,
     sampler: Sampler,
 }
 
 impl<'m> Engine<'m> {
     /// An engine with a cache of `num_blocks` blocks and at most `step_tokens` new tokens per step.
     pub fn new(model: &'m Model, num_blocks: usize, block_size: usize, step_tokens: usize) -> Self {
+        let cfg = PlannerConfig {
+            max_batch_tokens: step_tokens.max(1),
+            max_running: usize::MAX,
+            max_in_flight: 1,
+            admission_watermark_blocks: 0,
+            prefix_caching: false,
+            speculation: false,
+            ..PlannerConfig::default()
+        };
         Engine {
             stats: EngineStats::default(),
             model,
             cache: model.new_cache(num_blocks, block_size),
-            alloc: BlockAllocator::new(num_blocks, block_size),
-            step_tokens: step_tokens.max(1),
+            planner: Planner::new(cfg, num_blocks, block_size),
             sampler: Sampler,
         }
     }
@@ -73,76 +74,77 @@ impl<'m> Engine<'m> {
         if let Some(i) = reqs.iter().position(|r| r.prompt.is_empty()) {
             return Err(ModelError::Input(format!("prompt {i} is empty")));
         }
-        let mut seqs: Vec<Seq> = reqs
-            .iter()
-            .map(|r| Seq {
-                tokens: r.prompt.clone(),
-                prompt_len: r.prompt.len(),
-                cached: 0,
-                table: vec![],
-                done: r.max_new_tokens == 0,
-            })
-            .collect();
         self.stats = EngineStats::default();
-        let result = self.run(reqs, &mut seqs);
-        for s in &seqs {
-            self.alloc.release(&s.table).map_err(|e| ModelError::Cache(e.to_string()))?;
+        let mut outputs = vec![vec![]; reqs.len()];
+        let mut index: std::collections::HashMap<SeqId, usize> = Default::default();
+        for (i, r) in reqs.iter().enumerate().filter(|(_, r)| r.max_new_tokens > 0) {
+            let spec =
+                SeqSpec { prompt: r.prompt.clone(), max_new_tokens: r.max_new_tokens, speculative: false };
+            match self.planner.add(spec) {
+                Ok(id) => {
+                    index.insert(id, i);
+                }
+                Err(e) => {
+                    self.forget_all();
+                    return Err(ModelError::Input(format!("request {i}: {e}")));
+                }
+            }
         }
-        result?;
-        Ok(seqs.into_iter().map(|s| s.tokens[s.prompt_len..].to_vec()).collect())
+        let result = self.run(reqs, &index, &mut outputs);
+        self.forget_all();
+        result.map(|()| outputs)
     }
 
-    fn run(&mut self, reqs: &[EngineRequest], seqs: &mut [Seq]) -> Result<()> {
-        while seqs.iter().any(|s| !s.done) {
+    /// Ends every sequence (after an error): blocks back, nothing left queued.
+    fn forget_all(&mut self) {
+        for id in self.planner.ids() {
+            self.planner.remove(id);
+        }
+        while self.planner.plan().is_some_and(|p| self.planner.step_done(p.step_id).is_some()) {}
+    }
+
+    fn run(
+        &mut self,
+        reqs: &[EngineRequest],
+        index: &std::collections::HashMap<SeqId, usize>,
+        outputs: &mut [Vec<u32>],
+    ) -> Result<()> {
+        while !self.planner.ids().is_empty() {
             let started = std::time::Instant::now();
-            // Decodes first (one token each), then prefill chunks in request order under the budget.
-            let mut budget = self.step_tokens;
-            let mut work: Vec<(usize, usize)> = Vec::new();
-            for (i, s) in seqs.iter().enumerate() {
-                if !s.done && s.cached + 1 == s.tokens.len() && budget > 0 {
-                    work.push((i, 1));
-                    budget -= 1;
-                }
-            }
-            for (i, s) in seqs.iter().enumerate() {
-                let pending = s.tokens.len() - s.cached;
-                if !s.done && pending > 1 && budget > 0 {
-                    let n = pending.min(budget);
-                    work.push((i, n));
-                    budget -= n;
-                }
-            }
-            work.sort_unstable();
-            let prefilling = work.iter().any(|&(_, n)| n > 1);
-            let mut steps = Vec::with_capacity(work.len());
+            let plan = self.planner.plan().ok_or_else(|| {
+                ModelError::Cache(format!("the batch cannot progress: {:?}", self.planner.stats()))
+            })?;
+            let prefilling = plan.items.iter().any(|w| w.tokens.len() > 1 || !w.sample);
+            let mut steps = Vec::with_capacity(plan.items.len());
             let mut ids = Vec::new();
-            for &(i, n) in &work {
-                let s = &mut seqs[i];
-                self.alloc
-                    .ensure_capacity(&mut s.table, s.cached + n)
-                    .map_err(|e| ModelError::Cache(e.to_string()))?;
-                ids.extend_from_slice(&s.tokens[s.cached..s.cached + n]);
-                steps.push(SeqStep { cached: s.cached, new: n, pos_offset: 0, block_table: s.table.clone() });
+            for w in &plan.items {
+                ids.extend_from_slice(&w.tokens);
+                let table = self.planner.block_table(w.id).expect("planned").to_vec();
+                steps.push(SeqStep {
+                    cached: w.cached,
+                    new: w.tokens.len(),
+                    pos_offset: 0,
+                    block_table: table,
+                });
             }
-            let plan = {
+            let items = self.planner.step_done(plan.step_id).expect("just planned");
+            if steps.is_empty() {
+                continue; // a release-only step: nothing to compute in one process
+            }
+            let mplan = {
                 let _p = profile::section("plan");
                 self.model.plan(steps, &self.cache)?
             };
-            let x = self.model.forward_layers(self.model.embed(&ids)?, &plan, &mut self.cache)?;
+            let x = self.model.forward_layers(self.model.embed(&ids)?, &mplan, &mut self.cache)?;
             // Only sequences whose chunk reached their last token produce a new one.
-            let sampled: Vec<usize> = work
-                .iter()
-                .enumerate()
-                .filter(|(_, &(i, n))| seqs[i].cached + n == seqs[i].tokens.len())
-                .map(|(k, _)| k)
-                .collect();
-            for &(i, n) in &work {
-                seqs[i].cached += n;
+            let sampled: Vec<usize> = (0..items.len()).filter(|&k| items[k].sample).collect();
+            for it in items.iter().filter(|it| !it.sample) {
+                self.planner.prefilled(it.id, it.tokens);
             }
             if sampled.is_empty() {
                 continue;
             }
-            let rows: Vec<i64> = sampled.iter().map(|&k| plan.last_rows[k]).collect();
+            let rows: Vec<i64> = sampled.iter().map(|&k| mplan.last_rows[k]).collect();
             let h = self
                 .model
                 .final_norm(&x.index_select(0, &tch::Tensor::from_slice(&rows).to_device(x.device())))?;
@@ -154,12 +156,14 @@ impl<'m> Engine<'m> {
             let sample_rows: Vec<SampleRow> = sampled
                 .iter()
                 .map(|&k| {
-                    let s = &seqs[work[k].0];
+                    let id = items[k].id;
+                    let tokens = self.planner.tokens(id).expect("planned");
+                    let prompt_len = self.planner.prompt_len(id).expect("planned");
                     SampleRow {
-                        params: &reqs[work[k].0].params,
-                        prompt: &s.tokens[..s.prompt_len],
-                        output: &s.tokens[s.prompt_len..],
-                        generated: (s.tokens.len() - s.prompt_len) as u64,
+                        params: &reqs[index[&id]].params,
+                        prompt: &tokens[..prompt_len],
+                        output: &tokens[prompt_len..],
+                        generated: (tokens.len() - prompt_len) as u64,
                     }
                 })
                 .collect();
@@ -174,13 +178,12 @@ impl<'m> Engine<'m> {
                 self.stats.decode_tokens += outs.len();
             }
             for (&k, o) in sampled.iter().zip(outs) {
-                let i = work[k].0;
-                let s = &mut seqs[i];
-                s.tokens.push(o.token);
-                let generated = s.tokens.len() - s.prompt_len;
-                if generated >= reqs[i].max_new_tokens || reqs[i].stop_ids.contains(&o.token) {
-                    s.done = true;
-                }
+                let (id, i) = (items[k].id, index[&items[k].id]);
+                let out = &mut outputs[i];
+                out.push(o.token);
+                let finished = out.len() >= reqs[i].max_new_tokens || reqs[i].stop_ids.contains(&o.token);
+                self.planner
+                    .sampled(id, SampleOutcome { tokens: vec![o.token], finished, ..Default::default() });
             }
         }
         Ok(())
@@ -191,6 +194,6 @@ impl<'m> Engine<'m> {
     }
 
     pub fn free_blocks(&self) -> usize {
-        self.alloc.num_free()
+        self.planner.allocator().num_free()
     }
 }

@@ -1,6 +1,8 @@
 //! Generated protocol types. `v1` is the public API; `internal::v1` is what the router and the
 //! pipeline stages speak.
 
+pub mod auth;
+pub mod convert;
 pub mod transport;
 
 pub mod v1 {

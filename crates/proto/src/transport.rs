@@ -1,5 +1,5 @@
-//! gRPC transport shared by the router and the workers: channels to stages (optionally mutual TLS)
-//! and server TLS, from PEM files named in the `security` settings.
+//! gRPC transport shared by the router and the workers: channels to stages (optionally mutual TLS,
+//! and the shared stage token), and server TLS, from PEM files named in the `security` settings.
 
 use std::path::Path;
 use std::time::Duration;
@@ -7,8 +7,8 @@ use std::time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 use tonic::Status;
 
-/// Client side of router→worker and worker→worker links.
-#[derive(Debug, Clone, Default)]
+/// Client side of router→worker and worker→worker links: TLS and the shared stage token.
+#[derive(Clone, Default)]
 pub struct ClientTls {
     /// PEM CA the servers' certificates must chain to; None = plaintext.
     pub ca: Option<Vec<u8>>,
@@ -16,6 +16,66 @@ pub struct ClientTls {
     pub identity: Option<(Vec<u8>, Vec<u8>)>,
     /// Server name to verify; None = the host part of each address.
     pub server_name: Option<String>,
+    /// Shared secret every stage requires (`authorization: Bearer`), when set.
+    pub stage_token: Option<String>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    // Never print the token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("ca", &self.ca.is_some())
+            .field("identity", &self.identity.is_some())
+            .field("server_name", &self.server_name)
+            .field("stage_token", &self.stage_token.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+/// Adds the stage token to every call of a stage client.
+#[derive(Clone)]
+pub struct StageToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for StageToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A `Stage` client on `channel` that presents the stage token of `tls`.
+pub type StageClient = crate::internal::v1::stage_client::StageClient<
+    tonic::service::interceptor::InterceptedService<Channel, StageToken>,
+>;
+
+pub fn stage_client(channel: Channel, tls: &ClientTls) -> Result<StageClient, Status> {
+    let token = match &tls.stage_token {
+        Some(t) => Some(
+            format!("Bearer {t}")
+                .parse()
+                .map_err(|_| Status::invalid_argument("the stage token must be printable ASCII"))?,
+        ),
+        None => None,
+    };
+    Ok(crate::internal::v1::stage_client::StageClient::with_interceptor(channel, StageToken(token))
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX))
+}
+
+/// Reads a token file (surrounding whitespace, such as a trailing newline, is not part of it);
+/// an empty path means no token.
+pub fn read_token(path: &str, what: &str) -> Result<Option<String>, String> {
+    if path.is_empty() {
+        return Ok(None);
+    }
+    let t = String::from_utf8(read(path, what)?).map_err(|_| format!("{what} {path} is not UTF-8"))?;
+    let t = t.trim();
+    if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!("{what} {path} must hold one printable token"));
+    }
+    Ok(Some(t.to_string()))
 }
 
 fn read(path: &str, what: &str) -> Result<Vec<u8>, String> {
@@ -33,6 +93,7 @@ impl ClientTls {
                 Some((read(cert, "client certificate")?, read(key, "client key")?))
             },
             server_name: (!server_name.is_empty()).then(|| server_name.to_string()),
+            stage_token: None,
         })
     }
 

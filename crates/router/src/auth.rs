@@ -1,36 +1,7 @@
-//! Bearer-token authentication of the public API. Health and reflection stay open.
+//! Bearer-token authentication of the public API (health and reflection stay open), and the
+//! remapping of oversize-request statuses.
 
-use tonic::{Request, Status};
-
-/// Accepts requests carrying `authorization: Bearer <token>`.
-#[derive(Clone)]
-pub struct BearerAuth {
-    expected: Option<Vec<u8>>,
-}
-
-impl BearerAuth {
-    pub fn new(token: Option<String>) -> Self {
-        BearerAuth { expected: token.map(|t| format!("Bearer {t}").into_bytes()) }
-    }
-
-    pub fn check<T>(&self, req: Request<T>) -> Result<Request<T>, Status> {
-        let Some(expected) = &self.expected else { return Ok(req) };
-        let given = req.metadata().get("authorization").map(|v| v.as_bytes()).unwrap_or_default();
-        if constant_time_eq(given, expected) {
-            Ok(req)
-        } else {
-            Err(Status::unauthenticated("missing or invalid bearer token"))
-        }
-    }
-}
-
-/// Comparison whose time does not depend on where the inputs differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
+pub use mlaserve_proto::auth::BearerAuth;
 
 /// tonic answers an oversized request with OUT_OF_RANGE; gRPC's convention (and other servers) use
 /// RESOURCE_EXHAUSTED. Rewrites that one trailers-only response.
@@ -43,22 +14,4 @@ pub fn remap_oversize<B>(mut resp: http::Response<B>) -> http::Response<B> {
         resp.headers_mut().insert("grpc-status", http::HeaderValue::from_static("8"));
     }
     resp
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bearer_tokens() {
-        let auth = BearerAuth::new(Some("s3cret".into()));
-        let mut ok = Request::new(());
-        ok.metadata_mut().insert("authorization", "Bearer s3cret".parse().unwrap());
-        assert!(auth.check(ok).is_ok());
-        let mut bad = Request::new(());
-        bad.metadata_mut().insert("authorization", "Bearer s3creT".parse().unwrap());
-        assert_eq!(auth.check(bad).unwrap_err().code(), tonic::Code::Unauthenticated);
-        assert_eq!(auth.check(Request::new(())).unwrap_err().code(), tonic::Code::Unauthenticated);
-        assert!(BearerAuth::new(None).check(Request::new(())).is_ok());
-    }
 }

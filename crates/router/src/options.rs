@@ -59,7 +59,7 @@ impl Default for RouterOptions {
             max_running: 256,
             max_queue: 1024,
             max_steps_in_flight: 0,
-            max_new_tokens: 4096,
+            max_new_tokens: 32768,
             default_max_new_tokens: 256,
             max_input_tokens: 0,
             max_stop_sequences: 8,

@@ -5,11 +5,10 @@
 use std::time::Duration;
 
 use mlaserve_core::ModelConfig;
-use mlaserve_proto::internal::v1::stage_client::StageClient;
 use mlaserve_proto::internal::v1::{
     stage_message, Connect, Hop, InfoRequest, StageInfo, StageMessage, StepResult,
 };
-use mlaserve_proto::transport::{connect, ClientTls};
+use mlaserve_proto::transport::{connect, stage_client, ClientTls};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
@@ -29,6 +28,23 @@ pub struct CacheGeometry {
     pub block_size: usize,
 }
 
+/// Asks each stage what it holds; one answer (or error) per address, in order.
+pub async fn probe(addrs: &[String], tls: &ClientTls, timeout: Duration) -> Vec<Result<StageInfo, Status>> {
+    let mut out = Vec::with_capacity(addrs.len());
+    for a in addrs {
+        let info = async {
+            let ch = connect(a, tls, timeout).await?;
+            stage_client(ch, tls)?
+                .info(InfoRequest {})
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|e| Status::new(e.code(), format!("stage {a}: {}", e.message())))
+        };
+        out.push(info.await);
+    }
+    out
+}
+
 /// Asks every stage what it holds and checks that together they serve `config`.
 pub async fn discover(
     addrs: &[String],
@@ -36,18 +52,22 @@ pub async fn discover(
     tls: &ClientTls,
     timeout: Duration,
 ) -> Result<(Vec<StageEndpoint>, CacheGeometry), Status> {
-    if addrs.is_empty() {
+    let infos = probe(addrs, tls, timeout).await;
+    let stages = addrs
+        .iter()
+        .zip(infos)
+        .map(|(a, i)| i.map(|info| StageEndpoint { address: a.clone(), info }))
+        .collect::<Result<Vec<_>, _>>()?;
+    check(stages, config)
+}
+
+/// Checks that `stages` hold `config`'s layers contiguously and agree on the cache geometry.
+pub fn check(
+    stages: Vec<StageEndpoint>,
+    config: &ModelConfig,
+) -> Result<(Vec<StageEndpoint>, CacheGeometry), Status> {
+    if stages.is_empty() {
         return Err(Status::failed_precondition("no pipeline stages configured"));
-    }
-    let mut stages = Vec::with_capacity(addrs.len());
-    for a in addrs {
-        let ch = connect(a, tls, timeout).await?;
-        let info = StageClient::new(ch)
-            .info(InfoRequest {})
-            .await
-            .map_err(|e| Status::unavailable(format!("stage {a}: {}", e.message())))?
-            .into_inner();
-        stages.push(StageEndpoint { address: a.clone(), info });
     }
     let n = config.num_hidden_layers as u32;
     let mut expect = 0u32;
@@ -110,8 +130,7 @@ impl Pipeline {
     ) -> Result<Pipeline, Status> {
         let first = &stages[0];
         let ch = connect(&first.address, tls, timeout).await?;
-        let mut client =
-            StageClient::new(ch).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
+        let mut client = stage_client(ch, tls)?;
         let (tx, rx) = mpsc::channel(64);
         tx.send(StageMessage {
             msg: Some(stage_message::Msg::Connect(Connect {

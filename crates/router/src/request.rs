@@ -19,7 +19,10 @@ use crate::tokenizer::TokenizerInfo;
 #[derive(Debug, Clone)]
 pub struct ModelLimits {
     pub vocab_size: usize,
-    /// Longest sequence (prompt + generated) the deployment can hold.
+    /// The model's context (max_position_embeddings).
+    pub max_context: usize,
+    /// Longest sequence (prompt + generated) the deployment can hold: the context, bounded by the
+    /// latent cache pool.
     pub max_total_tokens: usize,
     pub eos_token_ids: Vec<u32>,
 }
@@ -340,19 +343,34 @@ pub fn validate_generate(
             given[0], opts.max_input_tokens
         )));
     }
-    if n >= limits.max_total_tokens {
+    // Beyond the model's context a request is wrong; beyond the cache pool it cannot run here.
+    let context = limits.max_context.max(limits.max_total_tokens);
+    if n >= context {
         return Err(invalid(format!(
-            "`{}` has {n} tokens, which leaves no room in the context of {} tokens",
-            given[0], limits.max_total_tokens
+            "`{}` has {n} tokens, which leaves no room in the context of {context} tokens",
+            given[0]
         )));
     }
-    let room = limits.max_total_tokens - n;
+    if let Some(m) = stopping.max_new_tokens.filter(|&m| n + m as usize > context) {
+        return Err(invalid(format!(
+            "`{}` ({n} tokens) + `stopping.max_new_tokens` ({m}) exceeds the context of {context} tokens",
+            given[0]
+        )));
+    }
+    let pool = limits.max_total_tokens;
+    let too_big = |what: String| {
+        Status::resource_exhausted(format!(
+            "{what} exceeds the {pool} tokens the latent cache holds for one sequence (ModelInfo \
+             max_total_tokens); shorten the request or give the workers more cache"
+        ))
+    };
+    if n >= pool {
+        return Err(too_big(format!("`{}` ({n} tokens)", given[0])));
+    }
+    let room = pool - n;
     let max_new_tokens = match stopping.max_new_tokens {
         Some(m) if m as usize > room => {
-            return Err(invalid(format!(
-                "`{}` ({n} tokens) + `stopping.max_new_tokens` ({m}) exceeds the context of {} tokens",
-                given[0], limits.max_total_tokens
-            )))
+            return Err(too_big(format!("`{}` ({n} tokens) + `stopping.max_new_tokens` ({m})", given[0])))
         }
         Some(m) => m as usize,
         None => opts.default_max_new_tokens.min(room),

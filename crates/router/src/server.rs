@@ -13,7 +13,7 @@ use tonic_health::ServingStatus;
 
 use crate::auth::{remap_oversize, BearerAuth};
 use crate::options::RouterOptions;
-use crate::scheduler::{Scheduler, SchedulerHandle};
+use crate::scheduler::SchedulerHandle;
 use crate::service::GenerationService;
 use crate::tokenizer::TokenizerInfo;
 
@@ -25,6 +25,8 @@ pub enum RouterError {
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
     #[error("server: {0}")]
     Server(String),
+    #[error("the scheduler stopped ({0}): exiting so that the router is restarted")]
+    Scheduler(String),
 }
 
 /// Everything the router needs from the model directory: config.json and the tokenizer files.
@@ -42,17 +44,16 @@ pub async fn serve(
 ) -> Result<(), RouterError> {
     let (config, tok) = load_model_facts(dir)?;
     let tok = Arc::new(tok);
-    let max_total = config.max_position_embeddings;
     let metrics =
         mlaserve_telemetry::genai::RouterMetrics::new(&telemetry.meter("mlaserve.router"), &opts.model_id);
-    let scheduler = Scheduler::spawn(
+    let scheduler = crate::scheduler::spawn(
         tok.clone(),
         config.clone(),
         opts.clone(),
-        max_total,
         metrics,
         telemetry.tracing_enabled(),
     );
+    let supervisor = scheduler.clone();
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_service_status("", ServingStatus::NotServing).await;
     // "liveness": the process answers (a worker restart must not restart the router).
@@ -91,6 +92,8 @@ pub async fn serve(
     let drain = opts.drain_timeout;
     tokio::select! {
         r = &mut server => r.map_err(|e| RouterError::Server(e.to_string())),
+        // Exiting lets the orchestrator restart the router; open streams end with an error status.
+        why = supervisor.died() => Err(RouterError::Scheduler(why)),
         _ = async {
             let _ = stopped.wait_for(|s| *s).await;
             tracing::info!(secs = drain.as_secs_f64(), "draining in-flight streams");

@@ -7,11 +7,10 @@ use std::time::{Duration, Instant};
 use mlaserve_core::ModelConfig;
 use mlaserve_proto::v1::generation_server::Generation;
 use mlaserve_proto::v1::{
-    DetokenizeRequest, DetokenizeResponse, GenerateRequest, GenerateResponse, ModelInfoRequest,
+    DetokenizeRequest, DetokenizeResponse, FinishReason, GenerateRequest, GenerateResponse, ModelInfoRequest,
     ModelInfoResponse, RenderChatRequest, RenderChatResponse, StageStatus, TokenizeRequest, TokenizeResponse,
 };
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::Stream;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
@@ -53,6 +52,7 @@ impl GenerationService {
     fn limits(&self) -> ModelLimits {
         ModelLimits {
             vocab_size: self.config.vocab_size,
+            max_context: self.config.max_position_embeddings,
             max_total_tokens: self.scheduler.max_total_tokens(),
             eos_token_ids: self.config.eos_token_ids.clone(),
         }
@@ -60,6 +60,43 @@ impl GenerationService {
 }
 
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+
+/// A request's responses, never ending silently: if the scheduler drops the request without a
+/// finish reason or an error (it should not; it did when it crashed), the client gets INTERNAL.
+struct Terminated {
+    rx: mpsc::UnboundedReceiver<Result<GenerateResponse, Status>>,
+    done: bool,
+}
+
+impl Stream for Terminated {
+    type Item = Result<GenerateResponse, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if self.done {
+            return std::task::Poll::Ready(None);
+        }
+        match self.rx.poll_recv(cx) {
+            std::task::Poll::Ready(Some(item)) => {
+                let last = match &item {
+                    Ok(m) => m.finish_reason != FinishReason::Unspecified as i32,
+                    Err(_) => true,
+                };
+                self.done = last;
+                std::task::Poll::Ready(Some(item))
+            }
+            std::task::Poll::Ready(None) => {
+                self.done = true;
+                std::task::Poll::Ready(Some(Err(Status::internal(
+                    "the request ended without a result: the router's scheduler stopped",
+                ))))
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
 
 #[tonic::async_trait]
 impl Generation for GenerationService {
@@ -111,7 +148,7 @@ impl Generation for GenerationService {
         tracing::debug!(parent: &span, request_id = %valid.request_id, prompt_tokens = valid.prompt_ids.len(), "generate");
         let (tx, rx) = mpsc::unbounded_channel();
         self.scheduler.submit(valid, tx, span)?;
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(Terminated { rx, done: false })))
     }
 
     async fn tokenize(&self, req: Request<TokenizeRequest>) -> Result<Response<TokenizeResponse>, Status> {
@@ -159,14 +196,17 @@ impl Generation for GenerationService {
         let stages = snap
             .stages
             .iter()
-            .map(|s| StageStatus {
-                address: s.address.clone(),
-                layer_start: s.info.layer_start,
-                layer_end: s.info.layer_end,
-                expert_shards: s.info.expert_shards,
-                device: s.info.device.clone(),
-                healthy: snap.healthy,
-                error: if snap.healthy { String::new() } else { snap.last_error.clone().unwrap_or_default() },
+            .map(|s| {
+                let info = s.info.clone().unwrap_or_default();
+                StageStatus {
+                    address: s.address.clone(),
+                    layer_start: info.layer_start,
+                    layer_end: info.layer_end,
+                    expert_shards: info.expert_shards,
+                    device: info.device,
+                    healthy: s.healthy,
+                    error: s.error.clone(),
+                }
             })
             .collect();
         let geometry =
@@ -174,7 +214,12 @@ impl Generation for GenerationService {
         Ok(Response::new(ModelInfoResponse {
             model_id: self.opts.model_id.clone(),
             model_type: c.model_type.clone(),
-            dtype: snap.stages.first().map(|s| s.info.dtype.clone()).unwrap_or_default(),
+            dtype: snap
+                .stages
+                .first()
+                .and_then(|s| s.info.as_ref())
+                .map(|i| i.dtype.clone())
+                .unwrap_or_default(),
             vocab_size: c.vocab_size as u32,
             hidden_size: c.hidden_size as u32,
             num_hidden_layers: c.num_hidden_layers as u32,
@@ -210,6 +255,8 @@ impl Generation for GenerationService {
             speculative_decoding: snap.speculative,
             speculative_drafts: snap.drafts_proposed,
             speculative_accepted: snap.drafts_accepted,
+            kv_capacity_tokens: (geometry.num_blocks * geometry.block_size) as u64,
+            preemptions: snap.preemptions,
         }))
     }
 }

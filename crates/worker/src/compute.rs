@@ -6,11 +6,11 @@ use std::time::Instant;
 
 use mlaserve_core::SamplingParams;
 use mlaserve_model::{LatentCache, Model, Sampler, SeqStep};
-use mlaserve_proto::internal::v1::{HiddenStates, SamplingSettings, Step};
+use mlaserve_proto::internal::v1::{HiddenStates, Step};
 use tokio::sync::oneshot;
 
 use crate::error::StageError;
-use crate::head::{self, may_speculate, HeadOutput};
+use crate::head::{self, HeadOutput};
 use crate::hidden;
 use crate::registry::{Registry, SeqState};
 
@@ -89,21 +89,6 @@ impl Compute {
             return 0;
         }
         rx.await.unwrap_or(0)
-    }
-}
-
-pub fn sampling_from_wire(s: &SamplingSettings) -> SamplingParams {
-    SamplingParams {
-        temperature: s.temperature,
-        top_k: s.top_k,
-        top_p: s.top_p,
-        min_p: s.min_p,
-        repetition_penalty: s.repetition_penalty,
-        frequency_penalty: s.frequency_penalty,
-        presence_penalty: s.presence_penalty,
-        seed: s.seed,
-        logprobs: s.logprobs,
-        top_logprobs: s.top_logprobs,
     }
 }
 
@@ -217,7 +202,7 @@ impl StageEngine {
         let mut seq_steps = Vec::with_capacity(step.seqs.len());
         for w in &step.seqs {
             if let Some(setup) = &w.setup {
-                let params = setup.sampling.as_ref().map(sampling_from_wire).unwrap_or_default();
+                let params = setup.sampling.as_ref().map(SamplingParams::from).unwrap_or_default();
                 // A prefix-cache hit starts with `cached` tokens already in the (shared) blocks.
                 self.registry.insert(
                     w.seq_id,
@@ -226,7 +211,7 @@ impl StageEngine {
                         cached: w.cached as usize,
                         pos_offset: setup.pos_offset as usize,
                         prompt_len: setup.prompt_len as usize,
-                        speculative: setup.speculative && self.model.has_mtp() && may_speculate(&params),
+                        speculative: setup.speculative && self.model.has_mtp() && params.may_speculate(),
                         params,
                         history: setup.cached_tokens.clone(),
                         rollback_allowed: false,

@@ -7,7 +7,6 @@
 //! speculative sequence's MTP cache covers exactly its verified positions, and the slot of its last
 //! verified position yields the draft for the next step.
 
-use mlaserve_core::SamplingParams;
 use mlaserve_model::sampling::{logprob_info, SampleRow};
 use mlaserve_model::speculative::{self, Draft};
 use mlaserve_model::{LatentCache, Model, Sampler, SeqStep, StepPlan};
@@ -232,9 +231,4 @@ fn draft_next(
         s.draft = Some(d);
     }
     Ok(out)
-}
-
-/// Whether a request may speculate: penalties depend on the exact history, so they opt out.
-pub fn may_speculate(p: &SamplingParams) -> bool {
-    !p.has_penalties()
 }

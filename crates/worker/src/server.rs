@@ -6,6 +6,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
+use mlaserve_core::settings::{KvCacheMemory, DEFAULT_KV_BLOCKS};
 use mlaserve_model::{DType, LoadOptions, Model};
 use mlaserve_proto::internal::v1::stage_server::StageServer;
 use mlaserve_proto::internal::v1::StageInfo;
@@ -31,7 +32,9 @@ pub struct WorkerOptions {
     pub expert_shards: usize,
     pub device: DeviceKind,
     pub dtype: DType,
+    /// Cache blocks; 0 = sized by `kv_cache_memory`, or the default count without it.
     pub kv_blocks: usize,
+    pub kv_cache_memory: Option<KvCacheMemory>,
     pub block_size: usize,
     /// TLS on this stage's port; with a client CA only callers with a valid certificate get in.
     pub server_tls: Option<tonic::transport::ServerTlsConfig>,
@@ -75,11 +78,13 @@ fn load(opts: &WorkerOptions) -> Result<(Compute, StageFacts), StageError> {
         },
     )?;
     let c = model.config();
-    let cache_bytes = opts.kv_blocks
+    let kv_blocks = cache_blocks(opts, model.layer_range().len(), model.has_mtp(), c.latent_dim())?;
+    let cache_bytes = kv_blocks
         * opts.block_size
         * c.latent_dim()
         * opts.dtype.size_in_bytes()
         * (model.layer_range().len() + usize::from(model.has_mtp()));
+    tracing::info!(kv_blocks, block_size = opts.block_size, cache_bytes, "latent cache sized");
     let info = StageInfo {
         layer_start: opts.layers.start as u32,
         layer_end: opts.layers.end as u32,
@@ -93,7 +98,7 @@ fn load(opts: &WorkerOptions) -> Result<(Compute, StageFacts), StageError> {
             DeviceKind::Cuda => "cuda".into(),
         },
         expert_shards: model.expert_shards() as u32,
-        kv_blocks: opts.kv_blocks as u32,
+        kv_blocks: kv_blocks as u32,
         block_size: opts.block_size as u32,
         hidden_size: c.hidden_size as u32,
         vocab_size: c.vocab_size as u32,
@@ -101,8 +106,56 @@ fn load(opts: &WorkerOptions) -> Result<(Compute, StageFacts), StageError> {
         cache_bytes: cache_bytes as u64,
         active_sequences: 0,
     };
-    let compute = Compute::spawn(model, opts.kv_blocks, opts.block_size);
+    let compute = Compute::spawn(model, kv_blocks, opts.block_size);
     Ok((compute, StageFacts { info }))
+}
+
+/// Blocks of this stage's latent cache: the explicit count, else what `kv_cache_memory` holds
+/// (its share of the memory left after the weights), else the default.
+fn cache_blocks(
+    opts: &WorkerOptions,
+    layers: usize,
+    mtp: bool,
+    latent_dim: usize,
+) -> Result<usize, StageError> {
+    if opts.kv_blocks > 0 {
+        return Ok(opts.kv_blocks);
+    }
+    let Some(mem) = opts.kv_cache_memory else { return Ok(DEFAULT_KV_BLOCKS) };
+    let bytes = match (mem, opts.device) {
+        (KvCacheMemory::Bytes(b), _) => b,
+        (KvCacheMemory::Fraction(f), DeviceKind::Cpu) => (available_host_memory()? as f64 * f) as u64,
+        (KvCacheMemory::Fraction(_), DeviceKind::Cuda) => return Err(StageError::invalid(
+            "worker.kv_cache_memory: a fraction is measured on host memory; on cuda give a size (e.g. 60GiB)",
+        )),
+    };
+    let elt = opts.dtype.size_in_bytes();
+    let blocks = mlaserve_model::cache::blocks_for_bytes(
+        bytes as usize,
+        layers,
+        mtp,
+        opts.block_size,
+        latent_dim,
+        elt,
+    );
+    if blocks == 0 {
+        return Err(StageError::invalid(format!(
+            "worker.kv_cache_memory: {bytes} bytes hold no cache block of {} bytes",
+            opts.block_size * latent_dim * elt * (layers + usize::from(mtp))
+        )));
+    }
+    Ok(blocks)
+}
+
+/// MemAvailable of /proc/meminfo, in bytes: free memory plus what the kernel can reclaim.
+fn available_host_memory() -> Result<u64, StageError> {
+    let info = std::fs::read_to_string("/proc/meminfo")
+        .map_err(|e| StageError::internal(format!("cannot read /proc/meminfo: {e}")))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| StageError::internal("no MemAvailable in /proc/meminfo"))
 }
 
 /// Serves one stage until `shutdown` resolves. The listener is bound before the model loads so
@@ -130,6 +183,9 @@ pub async fn serve(
     let service = StageServer::new(StageService::new(loaded.clone(), metrics, opts.downstream_tls.clone()))
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
+    // Closed stage: with a stage token, only its router (and the previous stage) may call it.
+    let auth = mlaserve_proto::auth::BearerAuth::new(opts.downstream_tls.stage_token.clone());
+    let service = tonic::service::interceptor::InterceptedService::new(service, move |r| auth.check(r));
     let (refl_v1, refl_v1alpha) = mlaserve_proto::reflection_services();
     let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
     if let Some(tls) = opts.server_tls.clone() {

@@ -5,13 +5,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use mlaserve_proto::internal::v1::stage_client::StageClient;
 use mlaserve_proto::internal::v1::stage_server::Stage;
 use mlaserve_proto::internal::v1::{
     stage_message, Connect, Hop, InfoRequest, StageInfo, StageMessage, StageTiming, Step, StepError,
     StepResult,
 };
-use mlaserve_proto::transport::{connect, ClientTls};
+use mlaserve_proto::transport::{connect, stage_client, ClientTls};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -64,12 +63,12 @@ impl StageService {
 
 type ResultStream = Pin<Box<dyn Stream<Item = Result<StepResult, Status>> + Send>>;
 
-fn step_error(step_id: u64, e: StageError) -> StepResult {
-    StepResult {
-        step_id,
-        error: Some(StepError { code: e.code as i32, message: e.message }),
-        ..Default::default()
-    }
+fn step_error(step_id: u64, e: StepError) -> StepResult {
+    StepResult { step_id, error: Some(e), ..Default::default() }
+}
+
+fn wire_error(e: StageError) -> StepError {
+    StepError { code: e.code as i32, message: e.message }
 }
 
 /// Opens the Run stream to the next stage and sends its Connect.
@@ -84,8 +83,7 @@ async fn connect_downstream(
     let channel = connect(addr, tls, timeout)
         .await
         .map_err(|e| Status::unavailable(format!("cannot reach next stage {addr}: {}", e.message())))?;
-    let mut client =
-        StageClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
+    let mut client = stage_client(channel, tls)?;
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     tx.send(StageMessage {
         msg: Some(stage_message::Msg::Connect(Connect {
@@ -269,6 +267,17 @@ async fn forward_or_answer(
     tokens: u64,
 ) -> bool {
     let step_id = step.step_id;
+    if let Some(err) = step.failed.clone() {
+        // An earlier stage failed this step: only forget what it lists, then pass the failure on.
+        let release = Step { step_id, release: step.release.clone(), ..Default::default() };
+        if let Err(e) = compute.step(release).await {
+            tracing::warn!(step_id, "release of a failed step: {e}");
+        }
+        return match down_tx {
+            Some(down) => down.send(StageMessage { msg: Some(stage_message::Msg::Step(step)) }).await.is_ok(),
+            None => up_tx.send(Ok(step_error(step_id, err))).await.is_ok(),
+        };
+    }
     let input = std::mem::take(&mut step.hidden);
     let mut to_run = step.clone();
     to_run.hidden = input;
@@ -277,8 +286,20 @@ async fn forward_or_answer(
         Ok(d) => d,
         Err(e) => {
             tracing::warn!(step_id, "step failed: {e}");
-            // Later stages never see this step; their sequences are dropped with the next release.
-            return up_tx.send(Ok(step_error(step_id, e))).await.is_ok();
+            let err = wire_error(e);
+            let Some(down) = down_tx else { return up_tx.send(Ok(step_error(step_id, err))).await.is_ok() };
+            // Later stages still get the release list (and forget this step's sequences), and the
+            // last one answers with the error: no stage keeps a sequence the router dropped.
+            let mut release = std::mem::take(&mut step.release);
+            release.extend(step.seqs.iter().map(|w| w.seq_id));
+            let failed = Step {
+                step_id,
+                release,
+                failed: Some(err),
+                trace_context: step.trace_context,
+                ..Default::default()
+            };
+            return down.send(StageMessage { msg: Some(stage_message::Msg::Step(failed)) }).await.is_ok();
         }
     };
     let timing = StageTiming {
@@ -327,7 +348,10 @@ async fn forward_or_answer(
             up_tx.send(Ok(StepResult { step_id, timings: vec![timing], ..Default::default() })).await.is_ok()
         }
         _ => up_tx
-            .send(Ok(step_error(step_id, StageError::internal("stage output does not match its position"))))
+            .send(Ok(step_error(
+                step_id,
+                wire_error(StageError::internal("stage output does not match its position")),
+            )))
             .await
             .is_ok(),
     }

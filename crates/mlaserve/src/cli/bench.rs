@@ -107,6 +107,8 @@ pub struct Report {
     pub speculative_accepted: u64,
     /// Prompt blocks found in the prefix cache during the run.
     pub prefix_cache_hits: u64,
+    /// Sequences the server preempted (for lack of cache blocks) during the run.
+    pub preemptions: u64,
 }
 
 struct Sample {
@@ -307,6 +309,7 @@ pub async fn run_bench(a: &Args, quiet: bool) -> anyhow::Result<Report> {
         speculative_drafts: after.speculative_drafts - before.speculative_drafts,
         speculative_accepted: after.speculative_accepted - before.speculative_accepted,
         prefix_cache_hits: after.prefix_cache_hits - before.prefix_cache_hits,
+        preemptions: after.preemptions - before.preemptions,
     })
 }
 
@@ -327,6 +330,12 @@ fn print_table(r: &Report) {
     println!("{:<10} {}", "TTFT", ms(&r.ttft_secs));
     println!("{:<10} {}", "TPOT", ms(&r.tpot_secs));
     println!("{:<10} {}", "end-to-end", ms(&r.e2e_secs));
+    if r.preemptions > 0 {
+        println!(
+            "preemptions: {} (the cache pool was short; those sequences were recomputed)",
+            r.preemptions
+        );
+    }
     if r.speculative_drafts > 0 {
         println!(
             "speculative: {}/{} drafts accepted ({:.1}%)",

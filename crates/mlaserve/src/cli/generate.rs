@@ -33,6 +33,10 @@ pub struct Args {
     step_tokens: usize,
     #[arg(long, default_value_t = 16)]
     block_size: usize,
+    /// Cache blocks; default: enough for every prompt at once. Fewer make the batch preempt and
+    /// recompute sequences (the output stays the same).
+    #[arg(long)]
+    kv_blocks: Option<usize>,
     /// Print one JSON object per prompt (`{"ids": [...]}`).
     #[arg(long)]
     json: bool,
@@ -80,7 +84,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             model.config().max_position_embeddings
         );
     }
-    let blocks = Engine::blocks_needed(&reqs, a.block_size);
+    let blocks = a.kv_blocks.unwrap_or_else(|| Engine::blocks_needed(&reqs, a.block_size));
     let mut engine = Engine::new(&model, blocks, a.block_size, a.step_tokens);
     let outs = engine.generate(&reqs)?;
     if let Some(p) = mlaserve_model::profile::report() {

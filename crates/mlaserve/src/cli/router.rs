@@ -19,6 +19,10 @@ pub struct Args {
     /// A pipeline stage address, in layer order; repeat per stage [router.stages].
     #[arg(long = "stage")]
     pub stages: Vec<String>,
+    /// File with the shared stage token, sent on every call to the stages
+    /// [security.stage_token_file, default off].
+    #[arg(long)]
+    pub stage_token_file: Option<String>,
     #[command(flatten)]
     pub limits: Limits,
 }
@@ -35,7 +39,7 @@ pub struct Limits {
     /// Requests waiting for admission before RESOURCE_EXHAUSTED [default 1024].
     #[arg(long)]
     pub max_queue: Option<usize>,
-    /// Largest max_new_tokens a request may ask for [default 4096].
+    /// Largest max_new_tokens a request may ask for [default 32768].
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
     /// max_new_tokens when a request leaves it unset [default 256].
@@ -120,6 +124,7 @@ pub fn run(a: Args, g: &Global) -> anyhow::Result<()> {
     if !a.stages.is_empty() {
         o.set("router.stages", Some(a.stages.clone()));
     }
+    o.set("security.stage_token_file", a.stage_token_file.clone());
     a.limits.apply(&mut o);
     let s = load(g, o)?;
     let model = PathBuf::from(required(&s.router.model, "router.model", "--model")?);

@@ -35,9 +35,18 @@ pub struct Args {
     /// auto, f32 or bf16 [serve.dtype, default auto].
     #[arg(long)]
     pub dtype: Option<String>,
-    /// Cache blocks per stage [serve.kv_blocks, default 1024].
+    /// Cache blocks per stage; overrides --kv-cache-memory [serve.kv_blocks, default: from
+    /// --kv-cache-memory, else 1024].
     #[arg(long)]
     pub kv_blocks: Option<usize>,
+    /// Latent-cache memory per stage: a fraction of the memory free after its weights (shared by
+    /// all stages of this machine: give each 1/P of what you mean) or a size [serve.kv_cache_memory].
+    #[arg(long)]
+    pub kv_cache_memory: Option<String>,
+    /// File with the shared stage token (workers then accept only this router)
+    /// [security.stage_token_file, default off].
+    #[arg(long)]
+    pub stage_token_file: Option<String>,
     /// Token slots per block [serve.block_size, default 16].
     #[arg(long)]
     pub block_size: Option<usize>,
@@ -66,6 +75,8 @@ async fn spawn_worker(
         ("--device", v.device.clone()),
         ("--dtype", v.dtype.clone()),
         ("--kv-blocks", v.kv_blocks.to_string()),
+        ("--kv-cache-memory", v.kv_cache_memory.clone()),
+        ("--stage-token-file", s.security.stage_token_file.clone()),
         ("--block-size", v.block_size.to_string()),
         ("--log-format", s.telemetry.log_format.clone()),
         ("--log-level", s.telemetry.log_level.clone()),
@@ -112,6 +123,8 @@ pub fn run(a: Args, g: &Global) -> anyhow::Result<()> {
     o.set("serve.device", a.device.clone());
     o.set("serve.dtype", a.dtype.clone());
     o.set_num("serve.kv_blocks", a.kv_blocks);
+    o.set("serve.kv_cache_memory", a.kv_cache_memory.clone());
+    o.set("security.stage_token_file", a.stage_token_file.clone());
     o.set_num("serve.block_size", a.block_size);
     a.limits.apply(&mut o);
     let s = load(g, o)?;

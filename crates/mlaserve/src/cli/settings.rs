@@ -73,16 +73,20 @@ pub fn check_done(g: &Global, s: &Settings, role: &str) -> bool {
     g.check
 }
 
-/// Client TLS towards stages (router and workers alike).
+/// Client TLS and the stage token towards stages (router and workers alike); a worker also
+/// requires that token of its callers.
 pub fn stage_tls(s: &Settings) -> anyhow::Result<mlaserve_proto::transport::ClientTls> {
     let c = &s.security;
-    mlaserve_proto::transport::ClientTls::from_files(
+    let mut tls = mlaserve_proto::transport::ClientTls::from_files(
         &c.stage_ca,
         &c.stage_client_cert,
         &c.stage_client_key,
         &c.stage_server_name,
     )
-    .map_err(|e| anyhow::anyhow!("security: {e}"))
+    .map_err(|e| anyhow::anyhow!("security: {e}"))?;
+    tls.stage_token = mlaserve_proto::transport::read_token(&c.stage_token_file, "stage token file")
+        .map_err(|e| anyhow::anyhow!("`security.stage_token_file`: {e}"))?;
+    Ok(tls)
 }
 
 /// Server TLS of this process (public port of the router, internal port of a worker).

@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use mlaserve_core::settings::parse_layers;
+use mlaserve_core::settings::{parse_kv_cache_memory, parse_layers};
 use mlaserve_telemetry::{Role, Telemetry};
 use mlaserve_worker::{DeviceKind, WorkerOptions};
 
@@ -27,9 +27,18 @@ pub struct Args {
     /// auto, f32 or bf16 [worker.dtype, default auto: bf16 on cuda, f32 on cpu].
     #[arg(long)]
     pub dtype: Option<String>,
-    /// Blocks in this stage's latent cache [worker.kv_blocks, default 1024].
+    /// Blocks in this stage's latent cache; overrides --kv-cache-memory [worker.kv_blocks,
+    /// default: from --kv-cache-memory, else 1024].
     #[arg(long)]
     pub kv_blocks: Option<usize>,
+    /// Latent-cache memory: a fraction of the memory free after loading the weights (0.9) or a
+    /// size (8GiB) [worker.kv_cache_memory, default off].
+    #[arg(long)]
+    pub kv_cache_memory: Option<String>,
+    /// File with the shared stage token; only callers presenting it may use this stage
+    /// [security.stage_token_file, default off].
+    #[arg(long)]
+    pub stage_token_file: Option<String>,
     /// Token slots per cache block [worker.block_size, default 16].
     #[arg(long)]
     pub block_size: Option<usize>,
@@ -48,6 +57,8 @@ impl Args {
         o.set("worker.device", self.device.clone());
         o.set("worker.dtype", self.dtype.clone());
         o.set_num("worker.kv_blocks", self.kv_blocks);
+        o.set("worker.kv_cache_memory", self.kv_cache_memory.clone());
+        o.set("security.stage_token_file", self.stage_token_file.clone());
         o.set_num("worker.block_size", self.block_size);
         o.set("worker.metrics_listen", self.metrics_listen.clone());
         o
@@ -81,6 +92,7 @@ pub fn run(a: Args, g: &Global) -> anyhow::Result<()> {
         device: if w.device == "cuda" { DeviceKind::Cuda } else { DeviceKind::Cpu },
         dtype: resolve_dtype(&w.dtype, &w.device),
         kv_blocks: w.kv_blocks,
+        kv_cache_memory: parse_kv_cache_memory(&w.kv_cache_memory).map_err(anyhow::Error::msg)?,
         block_size: w.block_size,
         server_tls,
         downstream_tls,
