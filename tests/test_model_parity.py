@@ -128,19 +128,23 @@ def test_sharded_checkpoint_equals_single_file(tiny, tmp_path):
 
 
 def test_bf16_teacher_forced_agreement(tiny, tmp_path):
-    """bf16 against transformers bf16 on the same sequences (teacher-forced, 384 positions).
+    """bf16 judged against the fp32 reference on the same sequences (teacher-forced, 384 positions).
 
-    Asserts the target argmax agreement (>= 97%) and that our bf16 stays at least as close to the
-    fp32 model as transformers' bf16 does; prints where the misses sit (fp32 router margin, fp32
-    top-2 gap, and which bf16 run departed from fp32) and the largest logit gap elsewhere."""
+    Whether bf16 keeps an argmax depends on rounding, and transformers' bf16 rounds differently on
+    each CPU (oneDNN uses AVX512_BF16 where it exists), as our kernels do on each instruction set. So
+    the assertions are host-independent: our bf16 stays at least as close to the fp32 model as
+    transformers' bf16 does (within a tie allowance of 4 positions), and where our bf16 leaves fp32's
+    argmax, fp32 was near a tie: the misses' median top-2 logit gap is at most half, and their median
+    expert-routing margin at most that of all positions (misses spread at random would sit at the
+    population's medians). Agreement with transformers' bf16 is printed, not asserted."""
     cfg = json.loads((tiny / "config.json").read_text())
     ref32, _ = reference(tiny, "f32")
     ref16, _ = reference(tiny, "bf16")
     biases = [l.mlp.gate.e_score_correction_bias.float() for l in ref32.model.layers if hasattr(l.mlp, "gate")]
     n = {"ours~ref16": 0, "ours~fp32": 0, "ref16~fp32": 0}
     total = 0
-    worst_agreeing = 0.0
     misses = []
+    all_gaps, all_margins = [], []
     for i in range(6):
         ids = prompt(700 + i, 64, vocab_of(tiny))
         r32 = ds3_reference.logits(ref32, None, ids, output_router_logits=True)
@@ -152,19 +156,23 @@ def test_bf16_teacher_forced_agreement(tiny, tmp_path):
         n["ours~fp32"] += (a == a32).sum().item()
         n["ref16~fp32"] += (a16 == a32).sum().item()
         total += len(ids)
-        same = a == a16
-        if same.any():
-            worst_agreeing = max(worst_agreeing, (ours - r16).abs().max(-1).values[same].max().item())
         top2 = r32["logits"].topk(2, -1).values
-        for t in (~same).nonzero().flatten().tolist():
-            misses.append(dict(margin=round(margin[t].item(), 4), fp32_gap=round((top2[t, 0] - top2[t, 1]).item(), 3),
-                               ours_is_fp32=bool(a[t] == a32[t]), ref16_is_fp32=bool(a16[t] == a32[t])))
+        gaps = top2[:, 0] - top2[:, 1]
+        all_gaps += gaps.tolist()
+        all_margins += margin.tolist()
+        for t in (a != a32).nonzero().flatten().tolist():
+            misses.append(dict(margin=round(margin[t].item(), 4), fp32_gap=round(gaps[t].item(), 3),
+                               ref16_is_fp32=bool(a16[t] == a32[t])))
     rates = {k: v / total for k, v in n.items()}
     print("\nbf16 teacher-forced, %d positions: " % total + ", ".join(f"{k} {v:.1%}" for k, v in rates.items()))
-    print(f"max |dlogit| ours vs transformers bf16 where argmax agrees: {worst_agreeing:.3f}")
-    print("misses:", misses)
-    assert rates["ours~ref16"] >= 0.97
-    assert rates["ours~fp32"] >= rates["ref16~fp32"] - 0.02
+    print("our misses of fp32's argmax:", misses)
+    assert rates["ours~fp32"] >= rates["ref16~fp32"] - 4 / total, rates
+    med = lambda xs: torch.tensor(xs).median().item()  # noqa: E731
+    gap_ratio = med([m["fp32_gap"] for m in misses]) / med(all_gaps)
+    margin_ratio = med([m["margin"] for m in misses]) / med(all_margins)
+    print(f"misses' median fp32 gap / all: {gap_ratio:.2f}; median routing margin / all: {margin_ratio:.2f}")
+    if misses:
+        assert gap_ratio <= 0.5 and margin_ratio <= 1.0, "bf16 misses fp32's argmax away from near ties"
 
 
 def test_bad_inputs_fail_cleanly(tiny, tmp_path):
