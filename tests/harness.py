@@ -105,24 +105,25 @@ class Proc:
 
 
 def start_worker(model, layers, shards=1, dtype="f32", kv_blocks=256, block_size=16, threads=1, extra=(),
-                 wait=True, bin=None):
+                 wait=True, bin=None, token=None):
     w = Proc(["worker", "--model", model, "--layers", f"{layers[0]}..{layers[1]}", "--listen", "127.0.0.1:0",
               "--expert-shards", shards, "--dtype", dtype, "--kv-blocks", kv_blocks, "--block-size", block_size,
               *extra], env={"MLASERVE_THREADS": str(threads)}, role="worker", bin=bin)
     if wait:
-        wait_stage_ready(w)
+        wait_stage_ready(w, token=token)
     return w
 
 
-def wait_stage_ready(w, timeout=120):
-    """Polls Info until the stage has loaded its layers."""
+def wait_stage_ready(w, timeout=120, token=None):
+    """Polls Info until the stage has loaded its layers (presenting the stage token, if any)."""
     ch = grpc.insecure_channel(w.addr)
     st = stage_grpc.StageStub(ch)
+    md = [("authorization", f"Bearer {token}")] if token else None
     deadline = time.time() + timeout
     try:
         while time.time() < deadline:
             try:
-                return st.Info(stage_pb.InfoRequest(), timeout=5)
+                return st.Info(stage_pb.InfoRequest(), timeout=5, metadata=md)
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE or w.p.poll() is not None:
                     raise RuntimeError(f"worker failed: {e.details()}\n{w.stderr()}")

@@ -118,8 +118,8 @@ def test_closed_stages_accept_only_the_token_holder(small, tmp_path):  # noqa: F
     token = "stage-secret-7f3a9c"
     f = tmp_path / "token"
     f.write_text(token + "\n")
-    w1 = start_worker(small, (0, 3), extra=["--stage-token-file", f], wait=False)
-    w2 = start_worker(small, (3, 6), extra=["--stage-token-file", f], wait=False)
+    w1 = start_worker(small, (0, 3), extra=["--stage-token-file", f], token=token)
+    w2 = start_worker(small, (3, 6), extra=["--stage-token-file", f], token=token)
     r = start_router(small, [w1.addr, w2.addr], extra=["--stage-token-file", f])
     try:
         wait_healthy(r.addr, timeout=120)
