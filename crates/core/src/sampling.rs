@@ -28,6 +28,8 @@ pub struct SamplingParams {
     pub logprobs: bool,
     /// Also return this many most likely alternatives per position.
     pub top_logprobs: u32,
+    /// Added to these tokens' logits before sampling (sorted by token id).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -43,6 +45,7 @@ impl Default for SamplingParams {
             seed: 0,
             logprobs: false,
             top_logprobs: 0,
+            logit_bias: vec![],
         }
     }
 }
@@ -60,7 +63,12 @@ impl SamplingParams {
     /// penalties depend on every token before the one sampled, which a draft's verification in the
     /// same forward pass does not have.
     pub fn may_speculate(&self) -> bool {
-        !self.has_penalties()
+        !self.has_penalties() && self.logit_bias.is_empty()
+    }
+
+    /// The raw logits are changed before sampling (penalties or a logit bias).
+    pub fn adjusts_logits(&self) -> bool {
+        self.has_penalties() || !self.logit_bias.is_empty()
     }
 
     pub fn wants_logprobs(&self) -> bool {
@@ -96,6 +104,9 @@ impl SamplingParams {
                 "repetition_penalty",
                 format!("must be in (0, 10], got {}", self.repetition_penalty),
             ));
+        }
+        if let Some(&(t, b)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
+            return Err(("logit_bias", format!("for token {t} must be in [-100, 100], got {b}")));
         }
         if !(-2.0..=2.0).contains(&self.frequency_penalty) {
             return Err(("frequency_penalty", format!("must be in [-2, 2], got {}", self.frequency_penalty)));

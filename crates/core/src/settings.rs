@@ -39,6 +39,8 @@ pub struct RouterSettings {
     pub model: String,
     /// Public gRPC address.
     pub listen: String,
+    /// OpenAI-compatible HTTP address (`/v1/chat/completions`, ...); empty = off.
+    pub http_listen: String,
     /// Pipeline stage addresses in layer order. Required for `router`.
     pub stages: Vec<String>,
     /// New tokens per step across all sequences (prefill chunks plus one per decode).
@@ -81,6 +83,7 @@ impl Default for RouterSettings {
         RouterSettings {
             model: String::new(),
             listen: "0.0.0.0:50051".into(),
+            http_listen: String::new(),
             stages: vec![],
             max_batch_tokens: 512,
             max_running: 256,
@@ -152,6 +155,8 @@ pub struct ServeSettings {
     pub model: String,
     /// Public gRPC address.
     pub listen: String,
+    /// OpenAI-compatible HTTP address; empty = off.
+    pub http_listen: String,
     /// Pipeline stages (worker processes) on this machine.
     pub stages: usize,
     pub expert_shards: usize,
@@ -168,6 +173,7 @@ impl Default for ServeSettings {
         ServeSettings {
             model: String::new(),
             listen: "127.0.0.1:50051".into(),
+            http_listen: "127.0.0.1:8000".into(),
             stages: 1,
             expert_shards: 1,
             device: "cpu".into(),
@@ -289,6 +295,7 @@ impl Settings {
         let positive = |key: &str, v: usize| if v == 0 { Err(bad(key, "must be positive")) } else { Ok(()) };
         let r = &self.router;
         addr("router.listen", &r.listen, false)?;
+        addr("router.http_listen", &r.http_listen, true)?;
         addr("router.metrics_listen", &r.metrics_listen, true)?;
         positive("router.max_batch_tokens", r.max_batch_tokens)?;
         positive("router.max_running", r.max_running)?;
@@ -327,6 +334,7 @@ impl Settings {
         dtype("worker.dtype", &w.dtype)?;
         let s = &self.serve;
         addr("serve.listen", &s.listen, false)?;
+        addr("serve.http_listen", &s.http_listen, true)?;
         positive("serve.stages", s.stages)?;
         positive("serve.expert_shards", s.expert_shards)?;
         parse_kv_cache_memory(&s.kv_cache_memory).map_err(|m| bad("serve.kv_cache_memory", m))?;

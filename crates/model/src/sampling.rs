@@ -52,13 +52,13 @@ impl Sampler {
         for (i, row) in rows.iter().enumerate() {
             let p = row.params;
             let raw = logits.get(i as i64);
-            let processed = if p.has_penalties() {
-                apply_penalties(&raw, p, row.prompt, row.output)
+            let processed = if p.adjusts_logits() {
+                apply_logit_bias(&apply_penalties(&raw, p, row.prompt, row.output), p)
             } else {
                 raw.shallow_clone()
             };
             let token = if p.is_greedy() {
-                if p.has_penalties() {
+                if p.adjusts_logits() {
                     processed.argmax(-1, false).int64_value(&[]) as u32
                 } else {
                     argmax[i] as u32
@@ -90,6 +90,19 @@ pub fn logprob_info(raw: &Tensor, token: u32, p: &SamplingParams) -> Result<(f32
         vec![]
     };
     Ok((chosen, top))
+}
+
+/// Adds the request's logit bias (ids checked against the vocabulary by the router).
+fn apply_logit_bias(logits: &Tensor, p: &SamplingParams) -> Tensor {
+    if p.logit_bias.is_empty() {
+        return logits.shallow_clone();
+    }
+    let mut out = logits.copy();
+    let (ids, bias): (Vec<i64>, Vec<f32>) = p.logit_bias.iter().map(|&(t, b)| (t as i64, b)).unzip();
+    let ids = Tensor::from_slice(&ids);
+    let v = out.index_select(0, &ids) + Tensor::from_slice(&bias);
+    let _ = out.index_copy_(0, &ids, &v);
+    out
 }
 
 fn apply_penalties(raw: &Tensor, p: &SamplingParams, prompt: &[u32], output: &[u32]) -> Tensor {

@@ -15,12 +15,18 @@ impl BearerAuth {
     }
 
     pub fn check<T>(&self, req: Request<T>) -> Result<Request<T>, Status> {
-        let Some(expected) = &self.expected else { return Ok(req) };
-        let given = req.metadata().get("authorization").map(|v| v.as_bytes()).unwrap_or_default();
-        if constant_time_eq(given, expected) {
+        if self.accepts(req.metadata().get("authorization").map(|v| v.as_bytes())) {
             Ok(req)
         } else {
             Err(Status::unauthenticated("missing or invalid bearer token"))
+        }
+    }
+
+    /// Whether an `authorization` header value (gRPC metadata or HTTP) passes.
+    pub fn accepts(&self, given: Option<&[u8]>) -> bool {
+        match &self.expected {
+            None => true,
+            Some(expected) => constant_time_eq(given.unwrap_or_default(), expected),
         }
     }
 }

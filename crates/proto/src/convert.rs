@@ -17,6 +17,7 @@ impl From<&SamplingParams> for SamplingSettings {
             seed: p.seed,
             logprobs: p.logprobs,
             top_logprobs: p.top_logprobs,
+            logit_bias: p.logit_bias.iter().copied().collect(),
         }
     }
 }
@@ -34,6 +35,11 @@ impl From<&SamplingSettings> for SamplingParams {
             seed: s.seed,
             logprobs: s.logprobs,
             top_logprobs: s.top_logprobs,
+            logit_bias: {
+                let mut b: Vec<(u32, f32)> = s.logit_bias.iter().map(|(&t, &v)| (t, v)).collect();
+                b.sort_unstable_by_key(|x| x.0);
+                b
+            },
         }
     }
 }
@@ -55,6 +61,7 @@ mod tests {
             seed: 42,
             logprobs: true,
             top_logprobs: 3,
+            logit_bias: vec![(3, -1.5), (9, 100.0)],
         };
         assert_eq!(SamplingParams::from(&SamplingSettings::from(&p)), p);
         let d = SamplingParams::default();

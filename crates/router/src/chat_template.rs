@@ -144,6 +144,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: Option<String>,
     eos_token: Option<String>,
+    /// The template mentions `<think>` / `</think>` (a reasoning model's format).
+    uses_reasoning: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -206,9 +208,15 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
 
+        let uses_reasoning = source.contains("<think>") || source.contains("</think>");
         let source = rewrite_generation_tags(source);
         env.add_template_owned(TEMPLATE_NAME, source).map_err(|e| TemplateError::Syntax(describe(&e)))?;
-        Ok(Self { env, bos_token, eos_token })
+        Ok(Self { env, bos_token, eos_token, uses_reasoning })
+    }
+
+    /// Whether the template speaks of `<think>` (then reasoning is returned apart by default).
+    pub fn uses_reasoning(&self) -> bool {
+        self.uses_reasoning
     }
 
     /// Renders `messages` (JSON objects such as `{"role": "user", "content": "hi"}`), with `tools`

@@ -5,7 +5,9 @@
 pub mod auth;
 pub mod chat_template;
 pub mod detokenize;
+pub mod http;
 pub mod options;
+pub mod parse;
 pub mod pipeline;
 pub mod request;
 pub mod scheduler;

@@ -47,6 +47,8 @@ pub struct RouterOptions {
     pub stage_tls: ClientTls,
     /// TLS on the public port.
     pub server_tls: Option<tonic::transport::ServerTlsConfig>,
+    /// TLS on the HTTP port (the same certificate and key).
+    pub http_tls: Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>,
     /// Bearer token required on the public API (health and reflection stay open).
     pub auth_token: Option<String>,
 }
@@ -74,6 +76,7 @@ impl Default for RouterOptions {
             model_id: "mlaserve".into(),
             stage_tls: ClientTls::default(),
             server_tls: None,
+            http_tls: None,
             auth_token: None,
         }
     }

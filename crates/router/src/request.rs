@@ -6,7 +6,8 @@ use std::time::Instant;
 use mlaserve_core::sampling::MAX_TOP_LOGPROBS;
 use mlaserve_core::SamplingParams;
 use mlaserve_proto::v1::{
-    content_part, ChatMessage, GenerateRequest, RenderChatRequest, SamplingParameters, StoppingCriteria, Tool,
+    content_part, ChatMessage, GenerateRequest, ReasoningMode, RenderChatRequest, SamplingParameters,
+    StoppingCriteria, Tool,
 };
 use serde_json::{json, Map, Value};
 use tonic::Status;
@@ -40,6 +41,19 @@ pub struct ValidRequest {
     pub eos_token_ids: Vec<u32>,
     pub arrival: Instant,
     pub deadline: Option<Instant>,
+    /// How the output is parsed (reasoning, tool calls).
+    pub output: OutputSpec,
+}
+
+/// What the emitter parses out of the generated text.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OutputSpec {
+    /// Reasoning returned apart; `Some(true)` when the prompt already opened `<think>`.
+    pub reasoning: Option<bool>,
+    /// Tool calls are parsed.
+    pub tools: bool,
+    /// Only calls of this function are returned (`tool_choice` naming one).
+    pub only_tool: Option<String>,
 }
 
 fn invalid(msg: impl Into<String>) -> Status {
@@ -209,6 +223,11 @@ pub fn sampling_params(
         seed: s.seed.unwrap_or_else(rand::random),
         logprobs,
         top_logprobs,
+        logit_bias: {
+            let mut b: Vec<(u32, f32)> = s.logit_bias.iter().map(|(&t, &v)| (t, v)).collect();
+            b.sort_unstable_by_key(|x| x.0);
+            b
+        },
     };
     p.validate().map_err(|(field, msg)| {
         let prefix = if field == "top_logprobs" { "" } else { "sampling." };
@@ -253,6 +272,23 @@ pub fn validate_generate(
             return Err(invalid("`add_generation_prompt` requires `messages` input"));
         }
     }
+    let tool_choice = r.tool_choice.as_deref().unwrap_or("auto");
+    if r.tool_choice.is_some() && r.tools.is_empty() {
+        return Err(invalid("`tool_choice` requires `tools`"));
+    }
+    let only_tool = match tool_choice {
+        "auto" | "none" => None,
+        "required" => {
+            return Err(invalid(
+                "`tool_choice` \"required\" is not supported; use \"auto\" or a function name",
+            ))
+        }
+        name if r.tools.iter().any(|t| t.function.as_ref().is_some_and(|f| f.name == name)) => {
+            Some(name.to_string())
+        }
+        name => return Err(invalid(format!("`tool_choice` names {name:?}, which is not one of `tools`"))),
+    };
+    let reasoning_mode = ReasoningMode::try_from(r.reasoning).unwrap_or(ReasoningMode::Unspecified);
     if given[0] != "prompt" && r.add_special_tokens.is_some() {
         return Err(invalid("`add_special_tokens` requires `prompt` input"));
     }
@@ -263,6 +299,12 @@ pub fn validate_generate(
         )));
     }
     let sampling = sampling_params(r.sampling.as_ref(), r.logprobs, r.top_logprobs)?;
+    if let Some(&(t, _)) = sampling.logit_bias.iter().find(|(t, _)| *t as usize >= limits.vocab_size) {
+        return Err(invalid(format!(
+            "`sampling.logit_bias` names token {t}, outside the vocabulary ({} tokens)",
+            limits.vocab_size
+        )));
+    }
 
     let d = StoppingCriteria::default();
     let stopping = r.stopping.as_ref().unwrap_or(&d);
@@ -307,16 +349,23 @@ pub fn validate_generate(
     let tok_err = |e: crate::tokenizer::TokenizerError| Status::internal(format!("tokenizer: {e}"));
     let tokenize_span = tracing::info_span!("tokenize", input = given[0], tokens = tracing::field::Empty);
     let _entered = tokenize_span.enter();
+    let mut prompt_text = String::new();
     let prompt_ids = match given[0] {
         "prompt" => {
             let text = r.prompt.as_deref().unwrap_or_default();
             if text.is_empty() {
                 return Err(invalid("`prompt` is empty"));
             }
+            prompt_text = text.to_string();
             tok.encode(text, r.add_special_tokens.unwrap_or(true)).map_err(tok_err)?
         }
         "messages" => {
-            render_chat(tok, &r.messages, &r.tools, r.add_generation_prompt.unwrap_or(true), "messages")?.1
+            // tool_choice "none": the model is not told about the tools.
+            let tools: &[Tool] = if tool_choice == "none" { &[] } else { &r.tools };
+            let (text, ids) =
+                render_chat(tok, &r.messages, tools, r.add_generation_prompt.unwrap_or(true), "messages")?;
+            prompt_text = text;
+            ids
         }
         _ => {
             let ids = &r.input_ids.as_ref().expect("checked above").ids;
@@ -375,6 +424,21 @@ pub fn validate_generate(
         Some(m) => m as usize,
         None => opts.default_max_new_tokens.min(room),
     };
+    let reasoning = {
+        let separate = match reasoning_mode {
+            ReasoningMode::Separate => true,
+            ReasoningMode::Inline => false,
+            ReasoningMode::Unspecified => {
+                given[0] == "messages" && tok.chat_template().is_some_and(|t| t.uses_reasoning())
+            }
+        };
+        separate.then(|| {
+            if prompt_text.is_empty() {
+                prompt_text = tok.decode(&prompt_ids, false).unwrap_or_default();
+            }
+            crate::parse::reasoning::prompt_opens_reasoning(&prompt_text)
+        })
+    };
     Ok(ValidRequest {
         request_id,
         prompt_ids,
@@ -385,5 +449,10 @@ pub fn validate_generate(
         eos_token_ids: if stopping.ignore_eos { vec![] } else { limits.eos_token_ids.clone() },
         arrival,
         deadline,
+        output: OutputSpec {
+            reasoning,
+            tools: given[0] == "messages" && !r.tools.is_empty() && tool_choice != "none",
+            only_tool,
+        },
     })
 }

@@ -39,6 +39,7 @@ pub async fn serve(
     dir: &Path,
     opts: RouterOptions,
     listener: TcpListener,
+    http: Option<TcpListener>,
     telemetry: &mlaserve_telemetry::Telemetry,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RouterError> {
@@ -66,7 +67,29 @@ pub async fn serve(
         let _ = stop_tx.send(true);
     });
     let auth = BearerAuth::new(opts.auth_token.clone());
-    let service = GenerationServer::new(GenerationService { tok, config, opts: opts.clone(), scheduler })
+    let core = Arc::new(GenerationService { tok, config, opts: opts.clone(), scheduler });
+    if let Some(http) = http {
+        let api = Arc::new(crate::http::HttpApi {
+            service: core.clone(),
+            auth: auth.clone(),
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        });
+        let mut stopping = stop_rx.clone();
+        let tls = opts.http_tls.clone();
+        let max_body = opts.max_request_bytes;
+        tokio::spawn(async move {
+            let done = async move {
+                let _ = stopping.wait_for(|s| *s).await;
+            };
+            if let Err(e) = crate::http::serve(api, http, tls, max_body, done).await {
+                tracing::error!("the HTTP server stopped: {e}");
+            }
+        });
+    }
+    let service = GenerationServer::from_arc(core)
         .max_decoding_message_size(opts.max_request_bytes)
         .max_encoding_message_size(64 << 20);
     let service = tonic::service::interceptor::InterceptedService::new(service, move |r| auth.check(r));

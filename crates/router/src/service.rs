@@ -49,63 +49,15 @@ pub fn grpc_timeout(md: &MetadataMap) -> Option<Duration> {
 }
 
 impl GenerationService {
-    fn limits(&self) -> ModelLimits {
-        ModelLimits {
-            vocab_size: self.config.vocab_size,
-            max_context: self.config.max_position_embeddings,
-            max_total_tokens: self.scheduler.max_total_tokens(),
-            eos_token_ids: self.config.eos_token_ids.clone(),
-        }
-    }
-}
-
-type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
-
-/// A request's responses, never ending silently: if the scheduler drops the request without a
-/// finish reason or an error (it should not; it did when it crashed), the client gets INTERNAL.
-struct Terminated {
-    rx: mpsc::UnboundedReceiver<Result<GenerateResponse, Status>>,
-    done: bool,
-}
-
-impl Stream for Terminated {
-    type Item = Result<GenerateResponse, Status>;
-
-    fn poll_next(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        if self.done {
-            return std::task::Poll::Ready(None);
-        }
-        match self.rx.poll_recv(cx) {
-            std::task::Poll::Ready(Some(item)) => {
-                let last = match &item {
-                    Ok(m) => m.finish_reason != FinishReason::Unspecified as i32,
-                    Err(_) => true,
-                };
-                self.done = last;
-                std::task::Poll::Ready(Some(item))
-            }
-            std::task::Poll::Ready(None) => {
-                self.done = true;
-                std::task::Poll::Ready(Some(Err(Status::internal(
-                    "the request ended without a result: the router's scheduler stopped",
-                ))))
-            }
-            std::task::Poll::Pending => std::task::Poll::Pending,
-        }
-    }
-}
-
-#[tonic::async_trait]
-impl Generation for GenerationService {
-    type GenerateStream = GenerateStream;
-
-    async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
-        let deadline = grpc_timeout(req.metadata()).map(|d| Instant::now() + d);
-        let parent = propagation::extract_metadata(req.metadata());
-        let r = req.into_inner();
+    /// The one request core behind both front ends (gRPC and the OpenAI HTTP API): a span with
+    /// the GenAI attributes, validation against the model and the limits, and submission to the
+    /// scheduler. The stream ends with a finish reason or an error status.
+    pub fn start(
+        &self,
+        r: GenerateRequest,
+        deadline: Option<Instant>,
+        parent: opentelemetry::Context,
+    ) -> Result<Terminated, Status> {
         let operation = if r.messages.is_empty() { "text_completion" } else { "chat" };
         let model = self.opts.model_id.as_str();
         let span = tracing::info_span!(
@@ -148,7 +100,67 @@ impl Generation for GenerationService {
         tracing::debug!(parent: &span, request_id = %valid.request_id, prompt_tokens = valid.prompt_ids.len(), "generate");
         let (tx, rx) = mpsc::unbounded_channel();
         self.scheduler.submit(valid, tx, span)?;
-        Ok(Response::new(Box::pin(Terminated { rx, done: false })))
+        Ok(Terminated { rx, done: false })
+    }
+
+    fn limits(&self) -> ModelLimits {
+        ModelLimits {
+            vocab_size: self.config.vocab_size,
+            max_context: self.config.max_position_embeddings,
+            max_total_tokens: self.scheduler.max_total_tokens(),
+            eos_token_ids: self.config.eos_token_ids.clone(),
+        }
+    }
+}
+
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+
+/// A request's responses, never ending silently: if the scheduler drops the request without a
+/// finish reason or an error (it should not; it did when it crashed), the client gets INTERNAL.
+pub struct Terminated {
+    rx: mpsc::UnboundedReceiver<Result<GenerateResponse, Status>>,
+    done: bool,
+}
+
+impl Stream for Terminated {
+    type Item = Result<GenerateResponse, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        if self.done {
+            return std::task::Poll::Ready(None);
+        }
+        match self.rx.poll_recv(cx) {
+            std::task::Poll::Ready(Some(item)) => {
+                let last = match &item {
+                    Ok(m) => m.finish_reason != FinishReason::Unspecified as i32,
+                    Err(_) => true,
+                };
+                self.done = last;
+                std::task::Poll::Ready(Some(item))
+            }
+            std::task::Poll::Ready(None) => {
+                self.done = true;
+                std::task::Poll::Ready(Some(Err(Status::internal(
+                    "the request ended without a result: the router's scheduler stopped",
+                ))))
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Generation for GenerationService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
+        let deadline = grpc_timeout(req.metadata()).map(|d| Instant::now() + d);
+        let parent = propagation::extract_metadata(req.metadata());
+        let stream = self.start(req.into_inner(), deadline, parent)?;
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn tokenize(&self, req: Request<TokenizeRequest>) -> Result<Response<TokenizeResponse>, Status> {

@@ -19,6 +19,9 @@ pub struct Args {
     /// A pipeline stage address, in layer order; repeat per stage [router.stages].
     #[arg(long = "stage")]
     pub stages: Vec<String>,
+    /// OpenAI-compatible HTTP address [router.http_listen, default off].
+    #[arg(long)]
+    pub http_listen: Option<String>,
     /// File with the shared stage token, sent on every call to the stages
     /// [security.stage_token_file, default off].
     #[arg(long)]
@@ -112,6 +115,7 @@ pub fn router_options(s: &Settings, stages: Vec<String>, model: &Path) -> anyhow
         model_id,
         stage_tls: stage_tls(s)?,
         server_tls: server_tls(s)?,
+        http_tls: http_tls(s)?,
         auth_token: auth_token(s)?,
         ..RouterOptions::default()
     })
@@ -125,6 +129,7 @@ pub fn run(a: Args, g: &Global) -> anyhow::Result<()> {
         o.set("router.stages", Some(a.stages.clone()));
     }
     o.set("security.stage_token_file", a.stage_token_file.clone());
+    o.set("router.http_listen", a.http_listen.clone());
     a.limits.apply(&mut o);
     let s = load(g, o)?;
     let model = PathBuf::from(required(&s.router.model, "router.model", "--model")?);
@@ -140,9 +145,30 @@ pub fn run(a: Args, g: &Global) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let telemetry = Telemetry::init(&s.telemetry, Role::Router)?;
         serve_metrics(&s.router.metrics_listen, &telemetry).await?;
+        let http = http_listener(&s.router.http_listen).await?;
         let listener = bind(listen, "router").await?;
-        mlaserve_router::serve(&model, opts, listener, &telemetry, shutdown_signal()).await?;
+        mlaserve_router::serve(&model, opts, listener, http, &telemetry, shutdown_signal()).await?;
         telemetry.shutdown();
         Ok(())
     })
+}
+
+/// The OpenAI HTTP listener, when an address is configured.
+pub async fn http_listener(addr: &str) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(bind(addr.parse()?, "http").await?))
+}
+
+/// TLS for the HTTP port: the public port's certificate and key.
+fn http_tls(s: &Settings) -> anyhow::Result<Option<std::sync::Arc<mlaserve_router::http::TlsConfig>>> {
+    let c = &s.security;
+    if c.tls_cert.is_empty() {
+        return Ok(None);
+    }
+    let read = |p: &str| std::fs::read(p).map_err(|e| anyhow::anyhow!("security: cannot read {p}: {e}"));
+    let cfg = mlaserve_router::http::http_tls(&read(&c.tls_cert)?, &read(&c.tls_key)?)
+        .map_err(|e| anyhow::anyhow!("security: HTTP TLS: {e}"))?;
+    Ok(Some(cfg))
 }

@@ -11,7 +11,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use super::demo;
-use super::router::{router_options, Limits};
+use super::router::{http_listener, router_options, Limits};
 use super::settings::{check_done, load, Global, Overrides};
 use super::util::{bind, runtime, serve_metrics, shutdown_signal};
 
@@ -23,6 +23,9 @@ pub struct Args {
     /// Public gRPC address [serve.listen, default 127.0.0.1:50051].
     #[arg(long)]
     pub listen: Option<String>,
+    /// OpenAI-compatible HTTP address; "" turns it off [serve.http_listen, default 127.0.0.1:8000].
+    #[arg(long)]
+    pub http_listen: Option<String>,
     /// Pipeline stages (worker processes); layers are split evenly [serve.stages, default 1].
     #[arg(long)]
     pub stages: Option<usize>,
@@ -118,6 +121,7 @@ pub fn run(a: Args, g: &Global) -> anyhow::Result<()> {
     let mut o = Overrides::default();
     o.set("serve.model", a.model.as_ref().map(|p| p.display().to_string()));
     o.set("serve.listen", a.listen.clone());
+    o.set("serve.http_listen", a.http_listen.clone());
     o.set_num("serve.stages", a.stages);
     o.set_num("serve.expert_shards", a.expert_shards);
     o.set("serve.device", a.device.clone());
@@ -153,13 +157,18 @@ pub fn run(a: Args, g: &Global) -> anyhow::Result<()> {
             addrs.push(addr);
         }
         let opts = router_options(&s, addrs, &model)?;
+        let http = http_listener(&s.serve.http_listen).await?;
         let listener = bind(listen, "router").await?;
         eprintln!(
             "mlaserve: serving {} on {} (mlaserve.v1.Generation)",
             model.display(),
             listener.local_addr()?
         );
-        let result = mlaserve_router::serve(&model, opts, listener, &telemetry, shutdown_signal()).await;
+        if let Some(h) = &http {
+            eprintln!("mlaserve: OpenAI-compatible HTTP on http://{}/v1", h.local_addr()?);
+        }
+        let result =
+            mlaserve_router::serve(&model, opts, listener, http, &telemetry, shutdown_signal()).await;
         for mut c in children {
             if let Some(pid) = c.id() {
                 // SAFETY: plain signal delivery to our own child.

@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use mlaserve_proto::internal::v1::SampledToken;
-use mlaserve_proto::v1::{FinishReason, GenerateResponse, TokenLogprob, TopLogprob, Usage};
+use mlaserve_proto::v1::{FinishReason, GenerateResponse, TokenLogprob, ToolCallDelta, TopLogprob, Usage};
 use opentelemetry::KeyValue;
 use tokio::sync::mpsc;
 use tonic::{Code, Status};
@@ -13,6 +13,7 @@ use tonic::{Code, Status};
 use mlaserve_telemetry::genai::{self, RouterMetrics};
 
 use crate::detokenize::IncrementalDetokenizer;
+use crate::parse::{Event, OutputParser};
 use crate::request::ValidRequest;
 use crate::stop::StopMatcher;
 use crate::tokenizer::TokenizerInfo;
@@ -32,6 +33,10 @@ pub(super) struct Stream {
     pub queued: bool,
     pub first_scheduled: Option<Instant>,
     first_token: Option<Instant>,
+    parser: OutputParser,
+    /// Parsed tool calls: the parser's index → the index returned (None: filtered out).
+    calls: Vec<Option<u32>>,
+    returned_calls: u32,
 }
 
 /// What the sequence looks like to the emitter when a step's tokens arrive.
@@ -64,6 +69,9 @@ impl Stream {
             queued: true,
             first_scheduled: None,
             first_token: None,
+            parser: OutputParser::new(req.output.reasoning, req.output.tools, &id_prefix(&req.request_id)),
+            calls: vec![],
+            returned_calls: 0,
             req,
             tx,
         }
@@ -158,6 +166,10 @@ impl Stream {
                 break;
             }
         }
+        let (text, reasoning_text, tool_calls) = self.parse(text, finish.is_some());
+        if matches!(finish, Some(FinishReason::Eos | FinishReason::Stop)) && self.returned_calls > 0 {
+            finish = Some(FinishReason::ToolCalls);
+        }
         let generated = cx.len_before + token_ids.len() - cx.prompt_len;
         let usage = finish.map(|_| {
             let secs = |t: Option<Instant>| {
@@ -184,9 +196,50 @@ impl Stream {
             finish_reason: finish.unwrap_or(FinishReason::Unspecified) as i32,
             usage,
             stop_reason,
+            reasoning_text,
+            tool_calls,
         };
         let delivered = self.tx.send(Ok(msg)).is_ok();
         Emitted { tokens: token_ids, finished: finish.is_some() || !delivered }
+    }
+
+    /// Splits a message's text into content, reasoning and tool-call deltas.
+    fn parse(&mut self, text: String, last: bool) -> (String, String, Vec<ToolCallDelta>) {
+        if !self.parser.is_active() {
+            return (text, String::new(), vec![]);
+        }
+        let mut events = self.parser.push(&text);
+        if last {
+            events.extend(self.parser.finish());
+        }
+        let (mut content, mut reasoning, mut calls) = (String::new(), String::new(), vec![]);
+        for ev in events {
+            match ev {
+                Event::Content(c) => content.push_str(&c),
+                Event::Reasoning(r) => reasoning.push_str(&r),
+                Event::ToolCallStart { index, id, name } => {
+                    debug_assert_eq!(index as usize, self.calls.len());
+                    let keep = self.req.output.only_tool.as_ref().is_none_or(|only| *only == name);
+                    let out = keep.then(|| {
+                        self.returned_calls += 1;
+                        self.returned_calls - 1
+                    });
+                    self.calls.push(out);
+                    if let Some(index) = out {
+                        calls.push(ToolCallDelta { index, id, name, arguments: String::new() });
+                    }
+                }
+                Event::ToolCallArguments { index, delta } => {
+                    if let Some(Some(index)) = self.calls.get(index as usize).copied() {
+                        match calls.last_mut() {
+                            Some(c) if c.index == index => c.arguments.push_str(&delta),
+                            _ => calls.push(ToolCallDelta { index, arguments: delta, ..Default::default() }),
+                        }
+                    }
+                }
+            }
+        }
+        (content, reasoning, calls)
     }
 
     fn record_finish(&self, cx: &EmitContext, reason: FinishReason, generated: usize, now: Instant) {
@@ -194,6 +247,7 @@ impl Stream {
             FinishReason::Length => "length",
             FinishReason::Stop => "stop",
             FinishReason::Eos => "eos",
+            FinishReason::ToolCalls => "tool_calls",
             _ => "cancelled",
         };
         let total = now.duration_since(self.req.arrival).as_secs_f64();
@@ -211,5 +265,15 @@ impl Stream {
         self.span.record(genai::USAGE_INPUT_TOKENS, cx.prompt_len as i64);
         self.span.record(genai::USAGE_OUTPUT_TOKENS, generated as i64);
         self.span.record(genai::RESPONSE_FINISH_REASONS, format!("[\"{reason_name}\"]"));
+    }
+}
+
+/// A short, id-safe prefix for tool-call ids, from the request id.
+fn id_prefix(request_id: &str) -> String {
+    let p: String = request_id.chars().filter(|c| c.is_ascii_alphanumeric()).take(12).collect();
+    if p.is_empty() {
+        "0".into()
+    } else {
+        p
     }
 }
