@@ -111,6 +111,12 @@ pub fn messages_json(messages: &[ChatMessage], prefix: &str) -> Result<Vec<Value
             }
             _ => {}
         }
+        // A tool-call turn without text: "" rather than null. transformers drops null keys, and
+        // DeepSeek's own template then fails on `message['content']`; "" renders what it means.
+        let content = match content {
+            None if !m.tool_calls.is_empty() => Some(String::new()),
+            c => c,
+        };
         let mut obj = Map::new();
         obj.insert("role".into(), json!(m.role));
         obj.insert("content".into(), content.map(Value::String).unwrap_or(Value::Null));

@@ -5,6 +5,7 @@ mod bench;
 mod client;
 mod cuda;
 mod demo;
+mod detokenize;
 mod generate;
 mod logits;
 mod plan;
@@ -38,6 +39,8 @@ enum Command {
     Generate(generate::Args),
     /// Render chat messages with a model's chat template (as the router would) and print the prompt.
     Template(template::Args),
+    /// Stream token ids through the router's incremental detokenizer and print each text delta.
+    Detokenize(detokenize::Args),
     /// Serve one pipeline stage (a range of layers) over the internal gRPC protocol.
     Worker(worker::Args),
     /// Serve the public API, driving the given pipeline stages.
@@ -80,6 +83,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Logits(a) => logits::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Template(a) => template::run(a),
+        Command::Detokenize(a) => detokenize::run(a),
         Command::Worker(a) => worker::run(a, &cli.global),
         Command::Router(a) => router::run(a, &cli.global),
         Command::Serve(a) => serve::run(a, &cli.global),
