@@ -62,6 +62,7 @@ class Proc:
         threading.Thread(target=self._drain_stderr, daemon=True).start()
         self.addr = None
         self.metrics_addr = None
+        self.http_addr = None
         deadline = time.time() + timeout
         while time.time() < deadline:
             line = self.p.stdout.readline()
@@ -70,6 +71,8 @@ class Proc:
             parts = line.split()
             if line.startswith("MLASERVE_METRICS"):
                 self.metrics_addr = parts[1]
+            if line.startswith("MLASERVE_LISTENING http"):
+                self.http_addr = parts[2]
             if line.startswith("MLASERVE_LISTENING"):
                 if role is None or parts[1] == role:
                     self.addr = parts[2]

@@ -277,8 +277,16 @@ async fn run(
                 usage.push(*u);
             }
             let choice = chunk_choice(kind, i as u32, &m, first[i], offsets[i], &tok, wants_logprobs);
-            first[i] = false;
             offsets[i] += m.text.len();
+            // A message that only carried held-back text (a marker, part of a stop string) says nothing.
+            let empty = choice["finish_reason"].is_null()
+                && choice["logprobs"].is_null()
+                && choice.get("delta").is_some_and(|d| d.as_object().is_some_and(|o| o.is_empty()))
+                && !first[i];
+            first[i] = false;
+            if empty {
+                continue;
+            }
             let chunk = json!({"id": id, "object": chunk_object, "created": created, "model": model,
                                "choices": [choice]});
             if send(chunk).await.is_err() {
