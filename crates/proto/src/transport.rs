@@ -50,16 +50,25 @@ pub type StageClient = crate::internal::v1::stage_client::StageClient<
     tonic::service::interceptor::InterceptedService<Channel, StageToken>,
 >;
 
+impl StageToken {
+    /// Presents `token` as `authorization: Bearer <token>` (nothing when None); also what the
+    /// public API's clients use.
+    pub fn new(token: Option<&str>) -> Result<Self, Status> {
+        let v = match token {
+            Some(t) => Some(
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| Status::invalid_argument("the token must be printable ASCII"))?,
+            ),
+            None => None,
+        };
+        Ok(StageToken(v))
+    }
+}
+
 pub fn stage_client(channel: Channel, tls: &ClientTls) -> Result<StageClient, Status> {
-    let token = match &tls.stage_token {
-        Some(t) => Some(
-            format!("Bearer {t}")
-                .parse()
-                .map_err(|_| Status::invalid_argument("the stage token must be printable ASCII"))?,
-        ),
-        None => None,
-    };
-    Ok(crate::internal::v1::stage_client::StageClient::with_interceptor(channel, StageToken(token))
+    let token = StageToken::new(tls.stage_token.as_deref())?;
+    Ok(crate::internal::v1::stage_client::StageClient::with_interceptor(channel, token)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX))
 }

@@ -117,7 +117,19 @@ async fn tls_mutual_tls_and_bearer_auth() {
     );
     let (a0, a1) = (w0.addr("worker").to_string(), w1.addr("worker").to_string());
     let r = Proc::start(
-        &["router", "--model", m, "--listen", "127.0.0.1:0", "--stage", &a0, "--stage", &a1],
+        &[
+            "router",
+            "--model",
+            m,
+            "--listen",
+            "127.0.0.1:0",
+            "--stage",
+            &a0,
+            "--stage",
+            &a1,
+            "--http-listen",
+            "127.0.0.1:0",
+        ],
         &router_env,
         "router",
     );
@@ -174,6 +186,47 @@ async fn tls_mutual_tls_and_bearer_auth() {
     assert!(refused, "a client with a foreign certificate got in");
     let good = tls_channel(&a0, &ca.ca_pem, Some((&client_cert, &client_key))).await.expect("mTLS");
     assert_eq!(StageClient::new(good).info(InfoRequest {}).await.unwrap().into_inner().layer_end, 2);
+
+    // The OpenAI HTTP port serves TLS with the same certificate and requires the same token.
+    let port = r.addr("http").rsplit(':').next().unwrap().to_string();
+    let url = format!("https://localhost:{port}/v1/models");
+    let curl = |extra: &[&str]| {
+        let resolve = format!("localhost:{port}:127.0.0.1");
+        let out = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--cacert",
+                &ca_path,
+                "--resolve",
+                &resolve,
+            ])
+            .args(extra)
+            .arg(&url)
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let bearer = format!("Authorization: Bearer {TOKEN}");
+    assert_eq!(curl(&["-H", &bearer]), "200");
+    assert_eq!(curl(&[]), "401");
+    // The CLI client over TLS with the token.
+    let out = std::process::Command::new(mlaserve_e2e::bin())
+        .args(["complete", "hello", "--max-new-tokens", "3", "--target", &raddr, "--ca", &ca_path])
+        .args(["--server-name", "localhost"])
+        .env("MLASERVE_AUTH_TOKEN", TOKEN)
+        .output()
+        .expect("mlaserve complete");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(mlaserve_e2e::bin())
+        .args(["complete", "hello", "--target", &raddr, "--ca", &ca_path, "--server-name", "localhost"])
+        .env_remove("MLASERVE_AUTH_TOKEN")
+        .output()
+        .expect("mlaserve complete");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("bearer token"));
 
     drop(client);
     let logs: Vec<String> = r.stderr.lock().unwrap().clone();

@@ -3,10 +3,12 @@
 use std::io::{BufRead, Write};
 
 use anyhow::Context;
+use mlaserve_proto::transport::{self, ClientTls, StageToken};
 use mlaserve_proto::v1::generation_client::GenerationClient;
 use mlaserve_proto::v1::{
     ChatMessage, FinishReason, GenerateRequest, SamplingParameters, StoppingCriteria, Usage,
 };
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use super::util::runtime;
@@ -31,6 +33,15 @@ pub struct Common {
     /// Print token usage and timings after the reply.
     #[arg(long)]
     pub usage: bool,
+    /// PEM CA to verify the router's TLS certificate with (connects over TLS).
+    #[arg(long)]
+    pub ca: Option<std::path::PathBuf>,
+    /// Server name in the router's certificate [default: the target's host].
+    #[arg(long)]
+    pub server_name: Option<String>,
+    /// Bearer token for the router's public API.
+    #[arg(long, env = "MLASERVE_AUTH_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 #[derive(clap::Args, Clone)]
@@ -52,9 +63,20 @@ pub struct ChatArgs {
     pub message: Option<String>,
 }
 
-async fn connect(target: &str) -> anyhow::Result<GenerationClient<Channel>> {
-    let uri = if target.contains("://") { target.to_string() } else { format!("http://{target}") };
-    GenerationClient::connect(uri.clone()).await.with_context(|| format!("connecting to {uri}"))
+type Client = GenerationClient<InterceptedService<Channel, StageToken>>;
+
+async fn connect(c: &Common) -> anyhow::Result<Client> {
+    let tls = ClientTls {
+        ca: c.ca.as_ref().map(std::fs::read).transpose().context("reading --ca")?,
+        server_name: c.server_name.clone(),
+        ..Default::default()
+    };
+    let ch = transport::connect(&c.target, &tls, std::time::Duration::from_secs(10))
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to {}: {}", c.target, e.message()))?;
+    let token =
+        StageToken::new(c.token.as_deref()).map_err(|e| anyhow::anyhow!("--token: {}", e.message()))?;
+    Ok(GenerationClient::with_interceptor(ch, token))
 }
 
 fn request(c: &Common) -> GenerateRequest {
@@ -75,11 +97,7 @@ fn request(c: &Common) -> GenerateRequest {
 }
 
 /// Streams one generation to stdout; returns the full text.
-async fn stream(
-    client: &mut GenerationClient<Channel>,
-    req: GenerateRequest,
-    show_usage: bool,
-) -> anyhow::Result<String> {
+async fn stream(client: &mut Client, req: GenerateRequest, show_usage: bool) -> anyhow::Result<String> {
     let mut s = client
         .generate(req)
         .await
@@ -88,10 +106,29 @@ async fn stream(
     let mut out = std::io::stdout();
     let mut text = String::new();
     let mut usage: Option<(Usage, i32)> = None;
+    // Reasoning dimmed on a terminal; tool calls shown as calls.
+    let tty = std::io::IsTerminal::is_terminal(&out);
+    let (dim, plain) = if tty { ("\x1b[2m", "\x1b[0m") } else { ("", "") };
+    let mut open_call = false;
     while let Some(msg) = s.message().await.map_err(|e| anyhow::anyhow!("{}: {}", e.code(), e.message()))? {
+        if !msg.reasoning_text.is_empty() {
+            write!(out, "{dim}{}{plain}", msg.reasoning_text)?;
+        }
         out.write_all(msg.text.as_bytes())?;
+        for d in &msg.tool_calls {
+            if !d.name.is_empty() {
+                let close = if open_call { ")" } else { "" };
+                write!(out, "{close}\n[tool call {} {}] {}(", d.index, d.id, d.name)?;
+                open_call = true;
+            }
+            write!(out, "{}", d.arguments)?;
+        }
         out.flush()?;
         text.push_str(&msg.text);
+        if msg.finish_reason != FinishReason::Unspecified as i32 && open_call {
+            write!(out, ")")?;
+            open_call = false;
+        }
         if let Some(u) = msg.usage {
             usage = Some((u, msg.finish_reason));
         }
@@ -109,7 +146,7 @@ async fn stream(
 
 pub fn complete(a: CompleteArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async {
-        let mut client = connect(&a.common.target).await?;
+        let mut client = connect(&a.common).await?;
         let mut req = request(&a.common);
         req.prompt = Some(a.prompt.clone());
         stream(&mut client, req, a.common.usage).await?;
@@ -119,7 +156,7 @@ pub fn complete(a: CompleteArgs) -> anyhow::Result<()> {
 
 pub fn chat(a: ChatArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async {
-        let mut client = connect(&a.common.target).await?;
+        let mut client = connect(&a.common).await?;
         let mut history: Vec<ChatMessage> = vec![];
         if let Some(s) = &a.system {
             history.push(ChatMessage {
