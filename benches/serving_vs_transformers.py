@@ -52,7 +52,9 @@ class Serve:
     def __init__(self, binary, model, stages, dtype, extra=()):
         self.binary = binary
         self.port = free_port()
+        # No HTTP port: several benchmark servers may run at once.
         self.p = subprocess.Popen([binary, "serve", "--model", str(model), "--listen", f"127.0.0.1:{self.port}",
+                                   "--http-listen", "",
                                    "--stages", str(stages), "--dtype", dtype, *extra],
                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         while True:
