@@ -74,5 +74,11 @@ lint: venv target
 bench-model: build
 	$(PY) benches/decode_vs_transformers.py --bin $(BIN)
 
+# mlaserve next to llama.cpp (built from the PyPI sdist llama-cpp-python, cached in $(CACHE)) on the
+# same weights, this machine's CPU: every figure as a ratio, the bandwidth floor, the profile.
+.PHONY: bench-cpu
+bench-cpu: build
+	$(PY) benches/vs_llamacpp.py --bin $(BIN) $(ARGS)
+
 clean-cache:
 	rm -rf $(CACHE)
