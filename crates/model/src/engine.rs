@@ -142,6 +142,9 @@ impl<'m> Engine<'m> {
                 self.planner.prefilled(it.id, it.tokens);
             }
             if sampled.is_empty() {
+                // A prefill chunk that samples nothing still counts as prefill time.
+                self.stats.prefill_secs += started.elapsed().as_secs_f64();
+                self.stats.prefill_steps += 1;
                 continue;
             }
             let rows: Vec<i64> = sampled.iter().map(|&k| mplan.last_rows[k]).collect();
