@@ -39,6 +39,13 @@ def load(model_dir: str, dtype: str = "f32"):
     return model, mtp
 
 
+def mtp_hidden(mtp, h, pos, ids):
+    """The MTP module's output for slots 0..T-2 from the post-norm final hidden states h (what
+    transformers feeds it): slot i pairs (h_i, t_{i+1}) at the position of t_{i+1} and predicts t_{i+2}.
+    Differentiable (tools/train_demo.py trains through it)."""
+    return mtp.forward_layer(0, h[:, :-1], pos[:, 1:], None, input_ids=ids[:, 1:])
+
+
 @torch.no_grad()
 def logits(model, mtp, ids, start_pos=0, with_mtp=False, output_router_logits=False):
     x = torch.tensor([ids])
@@ -47,9 +54,7 @@ def logits(model, mtp, ids, start_pos=0, with_mtp=False, output_router_logits=Fa
                 output_router_logits=output_router_logits)
     result = {"logits": out.logits[0].float()}
     if with_mtp and mtp is not None and len(ids) > 1:
-        h = out.hidden_states[-1]  # post-norm final hidden state
-        # Slot i pairs (h_i, t_{i+1}) at the position of t_{i+1}.
-        hm = mtp.forward_layer(0, h[:, :-1], pos[:, 1:], None, input_ids=x[:, 1:])
+        hm = mtp_hidden(mtp, out.hidden_states[-1], pos, x)
         result["mtp_logits"] = mtp._project_to_logits(hm)[0].float()
     if output_router_logits:
         result["router_logits"] = out.router_logits
