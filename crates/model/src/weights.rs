@@ -160,6 +160,7 @@ impl Checkpoint {
             .ok_or_else(|| ModelError::Dtype { name: name.into(), dtype: format!("{:?}", e.info.dtype) })?;
         let shape: Vec<i64> = e.info.shape.iter().map(|&d| d as i64).collect();
         let t = Tensor::f_from_data_size(bytes, &shape, kind)?;
+        release_pages(&f.mmap, f.data_start + a, b - a);
         if let Some(pb) = &self.progress {
             pb.inc((b - a) as u64);
         }
@@ -192,6 +193,22 @@ impl Checkpoint {
             return Err(ModelError::Shape { name: name.into(), expected: expected.to_vec(), got });
         }
         self.load(name, kind)
+    }
+}
+
+/// Drops the mapped file pages of a tensor that has been copied into libtorch memory, so that
+/// the weights are resident once (as tensors) rather than twice (tensors plus mapped pages) while a
+/// stage loads. The mapping is read-only and shared: the data stays in the page cache and a later
+/// read maps it again. Only pages wholly inside the range are dropped.
+fn release_pages(mmap: &Mmap, offset: usize, len: usize) {
+    const PAGE: usize = 4096;
+    let start = offset.div_ceil(PAGE) * PAGE;
+    let end = (offset + len) / PAGE * PAGE;
+    if end > start {
+        // SAFETY: DONTNEED on a read-only shared file mapping only discards this process's page
+        // table entries; nothing borrowed from the mapping outlives the copy made above.
+        let _ =
+            unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
     }
 }
 
