@@ -180,11 +180,16 @@ def test_error_classes_are_openai_json(api, body, status, param):
 
 
 def test_raw_sse_framing(api):
+    """curl sees server-sent events: `data: {json}` blocks and a final `data: [DONE]`."""
+    import subprocess
+
     _, h, _ = api
-    body = json.dumps({"model": MODEL, "prompt": "The river", "max_tokens": 4, "stream": True}).encode()
-    status, data = raw(h, "POST", "/v1/completions", body)
-    assert status == 200
-    events = data.decode().split("\n\n")
+    body = json.dumps({"model": MODEL, "prompt": "The river", "max_tokens": 4, "stream": True})
+    p = subprocess.run(["curl", "-sN", "-D", "-", f"http://{h}/v1/completions", "-H", "Content-Type: application/json",
+                        "-d", body], capture_output=True, timeout=60, check=True)
+    head, _, data = p.stdout.decode().partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 200") and "text/event-stream" in head.lower()
+    events = data.split("\n\n")
     assert events[-1] == "" and events[-2] == "data: [DONE]"
     for e in events[:-2]:
         assert e.startswith("data: {"), e
