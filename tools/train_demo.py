@@ -7,11 +7,12 @@ convention as tests/reference/ds3_reference.py), trained with loss = CE_main + l
 routers' correction biases are balanced the auxiliary-loss-free way: after each step
 bias += gamma * sign(mean_load - load), per layer (deepseek-v3.md §9.1).
 
-Data (every machine has it): `pydoc_data.topics`, docstrings of a fixed list of standard-library
-modules, crates/mlaserve/assets/demo-corpus.txt; some documents are rendered as chats with the
+Data (every machine has it): `pydoc_data.topics`, the docstrings of every importable standard-library
+module, crates/mlaserve/assets/demo-corpus.txt; some documents are also rendered as chats with the
 DeepSeek-V3 template so that the model learns the chat format and EOS. Held out: every 20th document
-(in-domain split) and, as text from outside the training set, the prose paragraphs of the project's
-README.md and docs/ARCHITECTURE.md, snapshotted into the output as heldout.txt.
+(in-domain split) and, as text from outside the training set, prose of the project's README.md,
+docs/ARCHITECTURE.md and docs/deploy.md (snapshot: tools/demo_heldout.txt), copied out as heldout.txt.
+The text depends on the Python version (docstrings); training.json records it and the text's sha256.
 
   nice -n 10 python tools/train_demo.py --out crates/mlaserve/assets/demo-model
 """
@@ -38,10 +39,12 @@ import ds3_checkpoint  # noqa: E402
 import ds3_reference  # noqa: E402
 
 # DeepSeek-V3's special tokens, as crates/mlaserve/src/cli/demo.rs names them: BOS = 0, EOS = 1.
-SPECIAL = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "<｜User｜>", "<｜Assistant｜>",
-           "<think>", "</think>", "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>",
-           "<｜tool▁call▁end｜>", "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>", "<｜tool▁output▁begin｜>",
-           "<｜tool▁output▁end｜>", "<｜tool▁sep｜>"]
+SPECIAL = [
+    "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "<｜User｜>", "<｜Assistant｜>",
+    "<think>", "</think>", "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>",
+    "<｜tool▁call▁end｜>", "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>",
+    "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>", "<｜tool▁sep｜>",
+]
 BOS, EOS = 0, 1
 
 # Standard-library modules not read for docstrings: side effects on import, GUI, tests, private.
@@ -209,7 +212,7 @@ def build_models(c):
     return model, mtp
 
 
-def losses(model, mtp, x, loads=None):
+def losses(model, mtp, x):
     """(main CE, MTP CE) on a batch of token windows: the MTP slot i pairs (h_i, t_{i+1}) and predicts t_{i+2}."""
     pos = torch.arange(x.shape[1]).unsqueeze(0).expand(x.shape[0], -1)
     out = model(input_ids=x, position_ids=pos, use_cache=False, output_hidden_states=True)
@@ -390,7 +393,8 @@ def main():
         if step % 20 == 0 or step == a.steps - 1:
             imb = [(l.max() / l.mean()).item() for l in loads]
             print(f"step {step:5d}  train CE {run_main:.3f}  MTP CE {run_mtp:.3f}  lr {sched.get_last_lr()[0]:.2e}  "
-                  f"expert load max/mean {sum(imb) / len(imb):.2f} (worst layer {max(imb):.2f})  {time.time() - t0:.0f}s", flush=True)
+                  f"expert load max/mean {sum(imb) / len(imb):.2f} (worst layer {max(imb):.2f})  "
+                  f"{time.time() - t0:.0f}s", flush=True)
         if (step + 1) % a.eval_every == 0 or step == a.steps - 1:
             hi, ho = evaluate(held_in), evaluate(held_out)
             print(f"eval  {step + 1:5d}  held-out CE {hi[0]:.3f} (MTP {hi[1]:.3f})  project prose CE {ho[0]:.3f} "
