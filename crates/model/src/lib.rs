@@ -6,6 +6,8 @@ pub mod attention;
 pub mod batch;
 pub mod cache;
 pub mod combine;
+#[cfg(feature = "cuda")]
+pub mod device_memory;
 pub mod dtype;
 pub mod engine;
 pub mod error;

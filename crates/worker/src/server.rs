@@ -125,9 +125,7 @@ fn cache_blocks(
     let bytes = match (mem, opts.device) {
         (KvCacheMemory::Bytes(b), _) => b,
         (KvCacheMemory::Fraction(f), DeviceKind::Cpu) => (available_host_memory()? as f64 * f) as u64,
-        (KvCacheMemory::Fraction(_), DeviceKind::Cuda) => return Err(StageError::invalid(
-            "worker.kv_cache_memory: a fraction is measured on host memory; on cuda give a size (e.g. 60GiB)",
-        )),
+        (KvCacheMemory::Fraction(f), DeviceKind::Cuda) => (free_device_memory()? as f64 * f) as u64,
     };
     let elt = opts.dtype.size_in_bytes();
     let blocks = mlaserve_model::cache::blocks_for_bytes(
@@ -145,6 +143,19 @@ fn cache_blocks(
         )));
     }
     Ok(blocks)
+}
+
+/// Free memory of device 0, which holds the stage's latent cache (after the weights are loaded).
+#[cfg(feature = "cuda")]
+fn free_device_memory() -> Result<u64, StageError> {
+    mlaserve_model::device_memory::cuda_mem_info(0)
+        .map(|(free, _)| free)
+        .map_err(|e| StageError::internal(format!("worker.kv_cache_memory: {e}")))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn free_device_memory() -> Result<u64, StageError> {
+    Err(StageError::failed_precondition("--device cuda: this binary is built without `--features cuda`"))
 }
 
 /// MemAvailable of /proc/meminfo, in bytes: free memory plus what the kernel can reclaim.
