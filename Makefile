@@ -2,7 +2,7 @@
 #   make build   libtorch (PyPI torch wheel) into a cached venv, then target/release/mlaserve
 #   make build-cuda  target/release/mlaserve-cuda: CUDA workers, NCCL expert shards (runs on CPU too)
 #   make test    everything needed, then the whole test suite
-#   make run     the main job: serve the demo model on 127.0.0.1:50051
+#   make run     the main job: serve the demo model on 127.0.0.1:50051 (gRPC) and :8000 (HTTP)
 # Expensive things live outside the checkout, in $(CACHE): the venv is keyed on
 # tests/requirements.txt, cargo's target dir is shared and incremental.
 
@@ -58,7 +58,8 @@ test: build build-cuda
 	cargo test --release --locked -p mlaserve-model --features cuda --lib nccl::
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-# Serves the demo model (random weights, built on first use) on 127.0.0.1:50051; try it with
+# Serves the demo model (a tiny model trained on Python's documentation, shipped in the binary) on
+# 127.0.0.1:50051 (gRPC) and 127.0.0.1:8000 (OpenAI HTTP); try it with
 #   target/release/mlaserve chat "Hello"
 run: build
 	$(BIN) serve $(ARGS)

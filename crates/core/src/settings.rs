@@ -151,7 +151,7 @@ impl Default for WorkerSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServeSettings {
-    /// Checkpoint directory; empty = the random demo model.
+    /// Checkpoint directory; empty = the trained demo model.
     pub model: String,
     /// Public gRPC address.
     pub listen: String,

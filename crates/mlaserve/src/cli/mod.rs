@@ -53,7 +53,7 @@ enum Command {
     Chat(client::ChatArgs),
     /// Load generator: concurrent streams against a router; throughput and latency percentiles.
     Bench(bench::Args),
-    /// Build (if needed) the random demo model and print its directory.
+    /// Write out (if needed) the trained demo model and print its directory.
     DemoModel,
     /// Print the effective configuration (defaults < --config file < MLASERVE_* environment) as TOML.
     Config,

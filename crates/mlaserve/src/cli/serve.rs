@@ -17,7 +17,7 @@ use super::util::{bind, runtime, serve_metrics, shutdown_signal};
 
 #[derive(clap::Args, Clone, Default)]
 pub struct Args {
-    /// Checkpoint directory; without it a small random demo model is created and served [serve.model].
+    /// Checkpoint directory; without it the small trained demo model is served [serve.model].
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Public gRPC address [serve.listen, default 127.0.0.1:50051].
