@@ -11,6 +11,7 @@ processes (router + 2 stages) that streams a completion through the chart's own 
 
 import copy
 import functools
+import json
 import os
 import re
 import shlex
@@ -75,7 +76,7 @@ CASES = {
                    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
                        {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}}},
         "router": {"podLabels": {"team": "ml"}, "extraEnv": [{"name": "MLASERVE_ROUTER__MAX_QUEUE", "value": "77"}],
-                   "service": {"type": "NodePort", "nodePort": 30051}},
+                   "service": {"type": "NodePort", "nodePort": 30051}, "http": {"port": 8080}},
         "listenHost": "::",
         "clusterDomain": "cluster.local",
         "tls": {"internal": {"enabled": True, "workerSecretName": "w", "routerSecretName": "r", "serverName": "stage.internal"}},
@@ -85,6 +86,8 @@ CASES = {
     # Closed stages by mutual TLS alone, and by nothing but the NetworkPolicy.
     "2-stages-mtls-closed": merged(TLS_AUTH, {"stageAuth": {"mode": "tls"}}),
     "no-stage-auth": {"stageAuth": {"mode": "none"}},
+    # No OpenAI HTTP port: no flag, container port, Service port or NetworkPolicy port.
+    "http-disabled": {"router": {"http": {"enabled": False}}},
     # The leaderworkerset ones are tests/test_helm_lws.py's.
     **{f"ci/{p.stem}": yaml.safe_load(p.read_text()) for p in sorted((CHART / "ci").glob("*.yaml"))
        if yaml.safe_load(p.read_text()).get("deployment", {}).get("mode", "statefulset") == "statefulset"},
@@ -121,6 +124,21 @@ def one(docs, kind, name=None):
     found = [d for d in by_kind(docs, kind) if name is None or d["metadata"]["name"] == name]
     assert len(found) == 1, f"expected one {kind} {name or ''}, got {[d['metadata']['name'] for d in found]}"
     return found[0]
+
+
+def http_listen(v):
+    """The router's --http-listen address for these values (None: HTTP off), as mlaserve.listen renders it."""
+    if not v["router"]["http"]["enabled"]:
+        return None
+    host, port = v["listenHost"], v["router"]["http"]["port"]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def flag(args, name):
+    """The value after `name` in args (None when absent; at most once)."""
+    found = [args[i + 1] for i, a in enumerate(args) if a == name]
+    assert len(found) <= 1, f"{name} given {len(found)} times"
+    return found[0] if found else None
 
 
 def expected_ranges(v):
@@ -197,6 +215,11 @@ REJECTED = [
     ({"metrics": {"port": "9090"}}, "at '/metrics/port'"),
     ({"metrics": {"port": 50061}}, "metrics.port (50061) collides"),
     ({"router": {"replicas": 2}}, "at '/router/replicas': maximum"),
+    ({"router": {"http": {"port": 50051}}}, "router.http.port (50051) collides with router.port or metrics.port"),
+    ({"router": {"http": {"port": 9090}}}, "router.http.port (9090) collides with router.port or metrics.port"),
+    ({"router": {"http": {"port": 0}}}, "at '/router/http/port': minimum"),
+    ({"router": {"http": {"enabled": "yes"}}}, "at '/router/http/enabled'"),
+    ({"router": {"http": {"listen": "0.0.0.0:1"}}}, "additional properties 'listen' not allowed"),
     ({"worker": {"layers": ["0..30", "31..61"]}}, 'worker.layers[1] is "31..61": it must start at layer 30'),
     ({"worker": {"layers": ["0..30", "30..60"]}}, "worker.layers end at layer 60 but model.numHiddenLayers is 61"),
     ({"worker": {"layers": ["0..61"]}}, "worker.layers has 1 ranges but worker.stages is 2"),
@@ -275,7 +298,16 @@ def test_topology(helm, case, tmp_path):
     assert dep["spec"]["replicas"] == v["router"]["replicas"] and dep["spec"]["strategy"]["type"] == "Recreate"
     public = one(docs, "Service", ROUTER)
     assert selects(public["spec"]["selector"], rpod["metadata"]["labels"])
-    assert [p["name"] for p in public["spec"]["ports"]] == ["grpc"], "metrics must stay off the public Service"
+    http = v["router"]["http"]
+    assert [p["name"] for p in public["spec"]["ports"]] == ["grpc", "http"][:1 + http["enabled"]], \
+        "metrics must stay off the public Service; HTTP on it when enabled"
+    # The OpenAI HTTP port: the flag, a named container port and the Service port, all on router.http.port.
+    assert flag(args, "--http-listen") == http_listen(v)
+    assert ("http" in [p["name"] for p in router["ports"]]) == http["enabled"]
+    if http["enabled"]:
+        assert port_of(router, "http") == http["port"]
+        assert next(p for p in public["spec"]["ports"] if p["name"] == "http") == \
+            {"name": "http", "port": http["port"], "targetPort": "http", "protocol": "TCP"}
 
     # One stage per node, GPUs = expert shards.
     anti = wpod["spec"].get("affinity", {}).get("podAntiAffinity", {}).get("requiredDuringSchedulingIgnoredDuringExecution", [])
@@ -340,6 +372,9 @@ def test_network_policy_lets_only_router_and_stages_reach_workers(helm, case, tm
     assert len(rpol) == 1
     public = next(r for r in rpol[0]["spec"]["ingress"] if {"port": "grpc", "protocol": "TCP"} in r["ports"])
     assert public.get("from", []) == v["networkPolicy"]["routerFrom"]
+    # The OpenAI HTTP port from the same peers as gRPC (the same rule), and only when it is on.
+    http = [r for r in rpol[0]["spec"]["ingress"] if {"port": "http", "protocol": "TCP"} in r["ports"]]
+    assert http == ([public] if v["router"]["http"]["enabled"] else [])
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -412,7 +447,28 @@ def test_security_context_and_image_tools(helm, case, tmp_path):
 # The rendered containers, run against the real binary
 
 
-DUMMY_PEM = "-----BEGIN CERTIFICATE-----\nMIIBdummy\n-----END CERTIFICATE-----\n"
+# A throwaway self-signed certificate (P-256, CN mlaserve-chart-test, valid until 2126) and its key for
+# the dummy TLS Secrets: the router parses the public certificate at --check for its HTTPS port.
+DUMMY_PEM = """\
+-----BEGIN CERTIFICATE-----
+MIIBqDCCAU+gAwIBAgIUNrIkCp1T3LyD0rHXyYUaeh8zV4YwCgYIKoZIzj0EAwIw
+HjEcMBoGA1UEAwwTbWxhc2VydmUtY2hhcnQtdGVzdDAgFw0yNjEyMDExMTE0MTBa
+GA8yMTI2MTEwNzExMTQxMFowHjEcMBoGA1UEAwwTbWxhc2VydmUtY2hhcnQtdGVz
+dDBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABMBJmup8fLyaVQ7jw8KpbPefkRut
+0Gq1Q1CLs6h4XpLWX8VvuDQ1xsHEG//lwVz5uuvZZ/CwShiZRBK3FmAsIrSjaTBn
+MB0GA1UdDgQWBBQ7F3x5YRhR9UgsZ7ZuNnqzaAWT/jAfBgNVHSMEGDAWgBQ7F3x5
+YRhR9UgsZ7ZuNnqzaAWT/jAPBgNVHRMBAf8EBTADAQH/MBQGA1UdEQQNMAuCCWxv
+Y2FsaG9zdDAKBggqhkjOPQQDAgNHADBEAiA1pa7NOCWBBYDJB1xI6MsRi22EqgiJ
+tSrIaVYv18txNAIgFmIlbYO672TgeVsrRqzDD5gXMVtGeYqOFF1/ERqrUDA=
+-----END CERTIFICATE-----
+"""
+DUMMY_KEY = """\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg8SqfLvYXeKnfd9nX
+l7pK8xnYv9Q1/Qr3EuVGFS7OhD+hRANCAATASZrqfHy8mlUO48PCqWz3n5EbrdBq
+tUNQi7OoeF6S1l/Fb7g0NcbBxBv/5cFc+brr2WfwsEoYmUQStxZgLCK0
+-----END PRIVATE KEY-----
+"""
 
 
 class PodSandbox:
@@ -443,7 +499,8 @@ class PodSandbox:
             files = {i["path"]: data[i["key"]] for i in vol["configMap"].get("items", [])} or dict(data)
         elif "secret" in vol:
             keys = [i["path"] for i in vol["secret"].get("items", [])] or ["tls.crt", "tls.key", "ca.crt"]
-            files = {k: "test-token\n" if vol["secret"].get("items") else DUMMY_PEM for k in keys}
+            files = {k: "test-token\n" if vol["secret"].get("items") else DUMMY_KEY if k == "tls.key" else DUMMY_PEM
+                     for k in keys}
         else:
             assert {"emptyDir", "persistentVolumeClaim", "hostPath"} & set(vol), vol
             files = {}
@@ -551,6 +608,10 @@ def test_rendered_commands_pass_binary_check(helm, case, tmp_path):
             env = {e["name"]: e["value"] for e in v["router"]["extraEnv"]}
             assert r["max_queue"] == int(env.get("MLASERVE_ROUTER__MAX_QUEUE", v["router"]["config"]["max_queue"]))
             assert r["listen"].rsplit(":", 1)[1] == str(port_of(c, "grpc"))
+            # --http-listen reaches the settings (the flag beats the file); off = "".
+            assert r["http_listen"] == (http_listen(v) or "")
+            if v["router"]["http"]["enabled"]:
+                assert r["http_listen"].rsplit(":", 1)[1] == str(port_of(c, "http"))
             model = r["model"]
         metrics = s[role]["metrics_listen"]
         assert (metrics.rsplit(":", 1)[-1] == str(port_of(c, "metrics"))) if v["metrics"]["enabled"] else metrics == ""
@@ -591,6 +652,20 @@ def notes_requests(helm, values, tmp) -> list[tuple[str, str]]:
     return re.findall(r"grpcurl [^\n]*?-d '([^']*)'\s+\S+ (\S+)", notes)
 
 
+def notes_curl(helm, values, tmp):
+    """(URL, headers, JSON body) of the `curl` NOTES.txt shows for the OpenAI HTTP API, or None."""
+    out = helm_run(helm, ["install", RELEASE, str(CHART), "--namespace", NS, "--dry-run=client"], values, tmp).stdout
+    notes = out[out.index("NOTES:"):].replace("\\\n", " ")
+    found = re.findall(r"^\s*curl (.*)$", notes, re.M)
+    if not found:
+        return None
+    (line,) = found
+    argv = shlex.split(line)
+    url = next(a for a in argv if a.startswith(("http://", "https://")))
+    headers = dict(argv[i + 1].split(": ", 1) for i, a in enumerate(argv) if a == "-H")
+    return url, headers, argv[argv.index("-d") + 1]
+
+
 @pytest.mark.parametrize("case", ["defaults", "4-stages-8-shards-tls-servicemonitor", "ci/demo-cpu-values"])
 def test_notes_show_how_to_call_generate(helm, case, tmp_path):
     import harness
@@ -599,7 +674,7 @@ def test_notes_show_how_to_call_generate(helm, case, tmp_path):
     v = merged(DEFAULTS, CASES[case])
     out = helm_run(helm, ["install", RELEASE, str(CHART), "--namespace", NS, "--dry-run=client"], CASES[case], tmp_path).stdout
     notes = out[out.index("NOTES:"):]
-    assert f"port-forward svc/{ROUTER} 50051:50051" in notes
+    assert f"port-forward svc/{ROUTER} 50051:50051 8000:8000" in notes
     for addr in stage_addresses(v):
         assert addr in notes
     (payload, method), = notes_requests(helm, CASES[case], tmp_path)
@@ -609,6 +684,22 @@ def test_notes_show_how_to_call_generate(helm, case, tmp_path):
     assert ("grpcurl -plaintext" in notes) == plain and ("mlaserve chat --target" in notes) == plain
     if v["auth"]["enabled"]:
         assert '-H "authorization: Bearer $TOKEN"' in notes
+    # The OpenAI HTTP API: a chat completion for the served model id, with the same token and TLS.
+    url, headers, body = notes_curl(helm, CASES[case], tmp_path)
+    tls = v["tls"]["public"]["enabled"]
+    assert url == f"{'https' if tls else 'http'}://localhost:8000/v1/chat/completions"
+    assert ("Authorization" in headers) == v["auth"]["enabled"]
+    req = json.loads(body)
+    model_id = v["router"]["config"].get("model_id") or ("demo" if v["model"]["source"] == "demo" else "models")
+    assert req["model"] == model_id and req["messages"][0]["role"] == "user"
+
+
+def test_notes_without_http(helm, tmp_path):
+    out = helm_run(helm, ["install", RELEASE, str(CHART), "--namespace", NS, "--dry-run=client"], CASES["http-disabled"],
+                   tmp_path).stdout
+    notes = out[out.index("NOTES:"):]
+    assert f"port-forward svc/{ROUTER} 50051:50051\n" in notes and "/v1/" not in notes
+    assert notes_curl(helm, CASES["http-disabled"], tmp_path) is None
 
 
 def test_worker_wrapper_refuses_an_unknown_ordinal(helm, tmp_path):
@@ -652,11 +743,12 @@ def wait_serving(addr, service, proc, timeout=120):
 
 
 def start(sb: PodSandbox, container, env, role: str, log: Path):
-    """Starts a container's command; returns (Popen, gRPC addr, metrics addr) once it listens."""
+    """Starts a container's command; returns (Popen, gRPC addr, metrics addr) once it listens; the
+    Popen's `http` is the OpenAI HTTP address (None without --http-listen)."""
     with open(log, "w") as err:
         p = subprocess.Popen(sb.argv(container, check=False), env=sb.env(container, env), cwd=sb.root,
                              stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
-    addr = metrics = None
+    addr = metrics = p.http = None
     while addr is None:
         line = p.stdout.readline()
         if not line:
@@ -664,11 +756,23 @@ def start(sb: PodSandbox, container, env, role: str, log: Path):
         parts = line.split()
         if parts[:1] == ["MLASERVE_METRICS"]:
             metrics = parts[1]
+        if parts[:2] == ["MLASERVE_LISTENING", "http"]:  # the router binds it before the gRPC port
+            p.http = parts[2]
         if parts[:2] == ["MLASERVE_LISTENING", role]:
             addr = parts[2]
     p.drain = threading.Thread(target=p.stdout.read, daemon=True)  # never let a full pipe block it
     p.drain.start()
     return p, addr, metrics
+
+
+def loopback_http(args: list[str]) -> list[str]:
+    """The router's args with --http-listen on 127.0.0.1:0 (the flag beats MLASERVE_ROUTER__HTTP_LISTEN)."""
+    return [("127.0.0.1:0" if i and args[i - 1] == "--http-listen" else a) for i, a in enumerate(args)]
+
+
+def http_get(url: str) -> tuple[int, dict]:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.status, json.loads(r.read())
 
 
 def stop(p: subprocess.Popen):
@@ -719,7 +823,7 @@ def test_demo_values_serve_a_streamed_completion(helm, tmp_path):
             assert sb.run(init, check=False).returncode == 0
         c = copy.deepcopy(tpl["spec"]["containers"][0])
         assert set(stage_addr) == {a for a in c["args"] if a in stage_addr}
-        c["args"] = [stage_addr.get(a, a) for a in c["args"]]
+        c["args"] = loopback_http([stage_addr.get(a, a) for a in c["args"]])
         env = {f"MLASERVE_ROUTER__{k}": a for k, a in loopback.items()}
         p, raddr, rmetrics = start(sb, c, env, "router", tmp_path / "router.log")
         procs.append(p)
@@ -739,7 +843,9 @@ def test_demo_values_serve_a_streamed_completion(helm, tmp_path):
         done = tsb.run(tc, check=False)
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip(), "no streamed text"
-        assert "8 generated tokens" in done.stderr, done.stderr
+        # 8 tokens, or fewer when the (trained) demo model ends its answer.
+        n = re.search(r"(\d+) generated tokens, (\w+)", done.stderr)
+        assert n and (n[1] == "8" or (0 < int(n[1]) < 8 and n[2] == "FINISH_REASON_EOS")), done.stderr
 
         # The grpcurl request NOTES.txt shows is a valid GenerateRequest that streams tokens.
         import harness
@@ -752,6 +858,17 @@ def test_demo_values_serve_a_streamed_completion(helm, tmp_path):
         with ch:
             msgs = list(stub.Generate(req, timeout=60))
         assert sum(len(m.token_ids) for m in msgs) >= 1 and msgs[-1].finish_reason
+
+        # And the curl NOTES.txt shows, against the router's --http-listen port.
+        assert p.http, "the router did not listen on HTTP"
+        assert http_get(f"http://{p.http}/health") == (200, {"status": "ok"})
+        url, headers, body = notes_curl(helm, values, tmp_path)
+        path = url.split("://", 1)[1].split("/", 1)[1]
+        req = urllib.request.Request(f"http://{p.http}/{path}", data=body.encode(), headers=headers)
+        with urllib.request.urlopen(req, timeout=60) as r:
+            resp = json.loads(r.read())
+        assert resp["object"] == "chat.completion" and resp["model"] == json.loads(body)["model"]
+        assert resp["choices"][0]["message"]["role"] == "assistant" and resp["usage"]["completion_tokens"] >= 1
     finally:
         for p in reversed(procs):
             stop(p)

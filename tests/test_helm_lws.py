@@ -21,8 +21,9 @@ import yaml
 
 from conftest import BIN, CUDA_BIN, ROOT
 from test_helm import (CHART, DEFAULTS, DEPLOY, FULL, KUBE_VERSIONS, NS, RELEASE, ROUTER, STAGE_SERVICE, WORKER,
-                       PodSandbox, assert_files_exist, by_kind, checked_settings, containers, expected_ranges, helm,
-                       helm_run, merged, need_stage_token, one, port_of, render, start, stop, wait_serving)
+                       PodSandbox, assert_files_exist, by_kind, checked_settings, containers, expected_ranges, flag, helm,
+                       helm_run, http_get, http_listen, loopback_http, merged, need_stage_token, one, port_of, render, start,
+                       stop, wait_serving)
 
 assert helm  # the session fixture, imported for pytest
 
@@ -39,10 +40,11 @@ CASES = {
         "deployment": {"replicas": 2, "topologyKey": "example.com/rack"},
         "worker": {"stages": 3, "layers": ["0..20", "20..41", "41..61"], "expertShards": 4},
         "stageAuth": {"mode": "tls"}, "clusterDomain": "cluster.local"}),
-    "lws-2-groups-4-stages-2-per-domain-no-metrics": merged(LWS_MODE, {
+    "lws-2-groups-4-stages-2-per-domain-no-metrics-no-http": merged(LWS_MODE, {
         "deployment": {"replicas": 2, "topologyKey": "cloud.google.com/gke-nodepool", "stagesPerDomain": 2,
                        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-        "worker": {"stages": 4}, "metrics": {"enabled": False}, "stageAuth": {"existingSecret": "my-token", "secretKey": "t"}}),
+        "worker": {"stages": 4}, "metrics": {"enabled": False}, "router": {"http": {"enabled": False}},
+        "stageAuth": {"existingSecret": "my-token", "secretKey": "t"}}),
     "lws-group-scope-cpu-no-auth": merged(LWS_MODE, {
         "deployment": {"replicas": 2, "topologyKey": "topology.kubernetes.io/zone", "topologyScope": "group"},
         "model": {"source": "demo", "numHiddenLayers": 4}, "image": {"worker": {"repository": "mlaserve-router"}},
@@ -299,8 +301,13 @@ def test_groups(helm, case, tmp_path):
     public = one(docs, "Service", ROUTER)
     chosen = sorted(p for p, _, _, _, tpl in pods if matches(public["spec"]["selector"], tpl["metadata"]["labels"]))
     assert chosen == sorted(f"{LWS}-{g}" for g in range(d["replicas"]))
-    assert [p["name"] for p in public["spec"]["ports"]] == ["grpc"]
-    port_of(router_c, public["spec"]["ports"][0]["targetPort"])
+    http = v["router"]["http"]
+    assert [p["name"] for p in public["spec"]["ports"]] == ["grpc", "http"][:1 + http["enabled"]]
+    for p in public["spec"]["ports"]:
+        assert port_of(router_c, p["targetPort"]) == (http["port"] if p["name"] == "http" else v["router"]["port"])
+    # Every group's router serves the OpenAI HTTP API on router.http.port when enabled.
+    assert flag(router_c["args"], "--http-listen") == http_listen(v)
+    assert ("http" in [p["name"] for p in router_c["ports"]]) == http["enabled"]
     # The chart leaves the pods' headless Service to the LWS controller (named after the LWS).
     assert all(s["metadata"]["name"] != LWS for s in by_kind(docs, "Service"))
     worker_svc = [s for s in by_kind(docs, "Service") if s["metadata"]["name"] == WORKER]
@@ -347,7 +354,7 @@ def admitted(policies, src: dict, dst: dict, port: str) -> bool:
     return False
 
 
-@pytest.mark.parametrize("case", ["lws-3-groups", "lws-2-groups-4-stages-2-per-domain-no-metrics", "deploy/values-deepseek-v3-fp8-1x8xh200"])
+@pytest.mark.parametrize("case", ["lws-3-groups", "lws-2-groups-4-stages-2-per-domain-no-metrics-no-http", "deploy/values-deepseek-v3-fp8-1x8xh200"])
 def test_network_policy_admits_only_the_groups_own_router_and_stages(helm, case, tmp_path):
     v = values_of(case)
     docs = render(helm, CASES[case], tmp_path)
@@ -372,12 +379,15 @@ def test_network_policy_admits_only_the_groups_own_router_and_stages(helm, case,
                 assert ok == want, f"{src} -> {dst} stage port: {ok}"
             else:
                 assert ok == (not v["networkPolicy"]["routerFrom"]), f"{src} -> router {dst}"
+                # The OpenAI HTTP port exactly like gRPC when on, closed when off.
+                ok_http = admitted(policies, slabels, dlabels, "http")
+                assert ok_http == (ok and v["router"]["http"]["enabled"]), f"{src} -> router {dst} http"
             if v["metrics"]["enabled"]:
                 assert admitted(policies, slabels, dlabels, "metrics")
 
 
 @pytest.mark.parametrize("case", ["lws-3-groups", "lws-2-groups-3-stages-explicit-rack-mtls",
-                                  "lws-2-groups-4-stages-2-per-domain-no-metrics", "lws-group-scope-cpu-no-auth"])
+                                  "lws-2-groups-4-stages-2-per-domain-no-metrics-no-http", "lws-group-scope-cpu-no-auth"])
 @pytest.mark.parametrize("mode", ["leaderworkerset", "statefulset"])
 def test_closed_stages(helm, case, mode, tmp_path):
     """Token (generated or given), mutual TLS or nothing: what each pod mounts and its TOML says."""
@@ -447,6 +457,7 @@ def test_group_router_resolves_its_own_stages_in_layer_order(helm, case, tmp_pat
         # Exactly its own group's stage pods, stage k = worker index k+1, by their stable DNS names.
         own = [f"{groups[g][k + 1]}:{v['worker']['port']}" for k in range(v["worker"]["stages"])]
         assert s["router"]["stages"] == own
+        assert s["router"]["http_listen"] == (http_listen(v) or "")
         assert all(a.startswith(f"{LWS}-{g}-") for a in own)
         assert not seen & set(own), "two groups share a stage"
         seen |= set(own)
@@ -524,7 +535,7 @@ def test_demo_values_serve_two_groups(helm, tmp_path):
                     names = [expand(a, sb.env(c)) for a in c["args"]]
                     stages = [names[i + 1] for i, a in enumerate(names) if a == "--stage"]
                     assert stages == [f"{LWS}-{g}-{k + 1}.{LWS}.{NS}.svc:{v['worker']['port']}" for k in range(v["worker"]["stages"])]
-                    c["args"] = [stage_addr.get(a, a) for a in names]
+                    c["args"] = loopback_http([stage_addr.get(a, a) for a in names])  # two routers, one host
                 p, addr, _ = start(sb, c, env, role, tmp_path / f"{pod}.log")
                 procs.append(p)
                 if role == "worker":
@@ -533,6 +544,7 @@ def test_demo_values_serve_two_groups(helm, tmp_path):
                 else:
                     wait_serving(addr, "", p)
                     routers[g] = addr
+                    assert http_get(f"http://{p.http}/health") == (200, {"status": "ok"})
         assert sorted(routers) == list(range(v["deployment"]["replicas"]))
         outs = []
         for g, addr in sorted(routers.items()):
@@ -555,3 +567,4 @@ def test_notes_describe_the_groups(helm, tmp_path):
     assert f"wait lws/{LWS} --for=condition=Available" in notes
     assert f"{LWS}-<g>-1.{LWS}.{NS}.svc:50061" in notes and f"{LWS}-<g>-2.{LWS}.{NS}.svc:50061" in notes
     assert "$(GROUP_INDEX)" not in notes
+    assert f"port-forward svc/{ROUTER} 50051:50051 8000:8000" in notes and "localhost:8000/v1/chat/completions" in notes

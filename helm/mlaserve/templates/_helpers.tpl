@@ -185,6 +185,12 @@ label (downward API), expanded by the kubelet in the container's args. */}}
 {{- fail (printf "metrics.port (%d) collides with router.port or worker.port" (int .Values.metrics.port)) -}}
 {{- end -}}
 {{- end -}}
+{{- $http := .Values.router.http -}}
+{{- if $http.enabled -}}
+{{- if or (eq (int $http.port) (int .Values.router.port)) (and .Values.metrics.enabled (eq (int $http.port) (int .Values.metrics.port))) -}}
+{{- fail (printf "router.http.port (%d) collides with router.port or metrics.port" (int $http.port)) -}}
+{{- end -}}
+{{- end -}}
 {{- $cfg := .Values.router.config -}}
 {{- if and (hasKey $cfg "default_max_new_tokens") (hasKey $cfg "max_new_tokens") -}}
 {{- if gt (int $cfg.default_max_new_tokens) (int $cfg.max_new_tokens) -}}

@@ -192,10 +192,17 @@ spec:
         - --stage
         - {{ . }}
         {{- end }}
+        {{- if $r.http.enabled }}
+        - --http-listen
+        - {{ include "mlaserve.listen" (dict "root" $root "port" $r.http.port) | quote }}
+        {{- end }}
         {{- with $r.extraArgs }}{{ toYaml . | nindent 8 }}{{ end }}
       env: {{- include "mlaserve.env" (dict "c" $r "lws" .lws) | nindent 8 }}
       ports:
         - {name: grpc, containerPort: {{ $r.port }}, protocol: TCP}
+        {{- if $r.http.enabled }}
+        - {name: http, containerPort: {{ $r.http.port }}, protocol: TCP}
+        {{- end }}
         {{- if $root.Values.metrics.enabled }}
         - {name: metrics, containerPort: {{ $root.Values.metrics.port }}, protocol: TCP}
         {{- end }}
