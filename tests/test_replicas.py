@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from conftest import BIN, tiny  # noqa: F401  (fixture)
-from harness import generate, health_grpc, health_pb, model_info, pb, stage_grpc, stage_pb, start_router, start_worker, stub, \
+from harness import wait_stage_ready, generate, health_grpc, health_pb, model_info, pb, stage_grpc, stage_pb, start_router, start_worker, stub, \
     wait_healthy
 
 STAGE_SERVICE = "mlaserve.internal.v1.Stage"
@@ -31,22 +31,6 @@ TOKEN = "replicas-test-token"
 def stage_token_supported() -> bool:
     p = subprocess.run([BIN, "worker", "--help"], capture_output=True, text=True, timeout=60)
     return "--stage-token-file" in p.stdout
-
-
-def wait_loaded(w, token=None, timeout=120):
-    """Polls the stage's Info (with the stage token, which closed stages require) until it loaded."""
-    metadata = [("authorization", f"Bearer {token}")] if token else None
-    deadline = time.time() + timeout
-    with grpc.insecure_channel(w.addr) as ch:
-        st = stage_grpc.StageStub(ch)
-        while time.time() < deadline:
-            try:
-                return st.Info(stage_pb.InfoRequest(), timeout=5, metadata=metadata)
-            except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE or w.p.poll() is not None:
-                    raise RuntimeError(f"worker failed: {e.details()}\n{w.stderr()}")
-                time.sleep(0.05)
-    raise TimeoutError(f"worker {w.addr} did not load in {timeout}s")
 
 
 @contextlib.contextmanager
@@ -66,7 +50,7 @@ def two_groups(model, tmp_path, stages=2):
             workers = [start_worker(model, b, kv_blocks=512, extra=extra, wait=False) for b in bounds]
             procs += workers
             for w in workers:
-                wait_loaded(w, token)
+                wait_stage_ready(w, token=token)
             router = start_router(model, [w.addr for w in workers], extra=extra)
             procs.append(router)
             wait_healthy(router.addr)
@@ -194,7 +178,7 @@ def test_a_stage_refuses_a_run_without_the_token(tiny, tmp_path):  # noqa: F811
     token.write_text(f"{TOKEN}\n")
     w = start_worker(tiny, (0, 4), extra=("--stage-token-file", token), wait=False)
     try:
-        wait_loaded(w, TOKEN)
+        wait_stage_ready(w, token=TOKEN)
         # Health stays open for the kubelet's probes.
         with grpc.insecure_channel(w.addr) as ch:
             assert health_grpc.HealthStub(ch).Check(health_pb.HealthCheckRequest(service=STAGE_SERVICE), timeout=5).status == 1

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use mlaserve_router::{IncrementalDetokenizer, TokenizerInfo};
 
+use super::util::parse_ids;
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Model directory with tokenizer.json.
@@ -22,16 +24,13 @@ pub struct Args {
     keep_special: bool,
 }
 
-fn ids(s: &str) -> anyhow::Result<Vec<u32>> {
-    s.split(',').filter(|t| !t.trim().is_empty()).map(|t| Ok(t.trim().parse()?)).collect()
-}
-
 /// Prints a JSON array: the delta after each id, then what the end flushes.
 pub fn run(a: Args) -> anyhow::Result<()> {
     let tok = TokenizerInfo::from_dir(&a.model)?;
-    let mut d = IncrementalDetokenizer::new(&ids(&a.context)?, !a.keep_special);
+    let context = if a.context.trim().is_empty() { vec![] } else { parse_ids(&a.context)? };
+    let mut d = IncrementalDetokenizer::new(&context, !a.keep_special);
     let mut deltas = vec![];
-    for id in ids(&a.ids)? {
+    for id in parse_ids(&a.ids)? {
         deltas.push(d.push(&tok, id)?);
     }
     deltas.push(d.finish(&tok)?);
