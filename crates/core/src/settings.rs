@@ -119,6 +119,9 @@ pub struct WorkerSettings {
     pub device: String,
     /// "auto" (bf16 on cuda, f32 on cpu), "f32" or "bf16".
     pub dtype: String,
+    /// How matrix weights are held: "native" (as stored: FP8 stays FP8 with its block scales),
+    /// "bf16" or "f32" (converted at load). `dtype` is the activation/compute type.
+    pub weights: String,
     /// Blocks in this stage's latent cache; 0 = sized by `kv_cache_memory`, or 1024 without it.
     /// An explicit count overrides `kv_cache_memory`.
     pub kv_blocks: usize,
@@ -140,6 +143,7 @@ impl Default for WorkerSettings {
             expert_shards: 1,
             device: "cpu".into(),
             dtype: "auto".into(),
+            weights: "native".into(),
             kv_blocks: 0,
             kv_cache_memory: String::new(),
             block_size: 16,
@@ -162,6 +166,8 @@ pub struct ServeSettings {
     pub expert_shards: usize,
     pub device: String,
     pub dtype: String,
+    /// As `worker.weights`, for every stage.
+    pub weights: String,
     /// As `worker.kv_blocks` and `worker.kv_cache_memory`, for every stage.
     pub kv_blocks: usize,
     pub kv_cache_memory: String,
@@ -178,6 +184,7 @@ impl Default for ServeSettings {
             expert_shards: 1,
             device: "cpu".into(),
             dtype: "auto".into(),
+            weights: "native".into(),
             kv_blocks: 0,
             kv_cache_memory: String::new(),
             block_size: 16,
@@ -332,6 +339,7 @@ impl Settings {
         positive("worker.block_size", w.block_size)?;
         device("worker.device", &w.device)?;
         dtype("worker.dtype", &w.dtype)?;
+        weights("worker.weights", &w.weights)?;
         let s = &self.serve;
         addr("serve.listen", &s.listen, false)?;
         addr("serve.http_listen", &s.http_listen, true)?;
@@ -341,6 +349,7 @@ impl Settings {
         positive("serve.block_size", s.block_size)?;
         device("serve.device", &s.device)?;
         dtype("serve.dtype", &s.dtype)?;
+        weights("serve.weights", &s.weights)?;
         let t = &self.telemetry;
         if !matches!(t.log_format.as_str(), "text" | "json") {
             return Err(bad(
@@ -390,6 +399,10 @@ fn dtype(key: &str, v: &str) -> Result<(), SettingsError> {
         "auto" | "f32" | "bf16" => Ok(()),
         _ => Err(bad(key, format!("must be \"auto\", \"f32\" or \"bf16\", got {v:?}"))),
     }
+}
+
+fn weights(key: &str, v: &str) -> Result<(), SettingsError> {
+    v.parse::<crate::WeightFormat>().map(|_| ()).map_err(|m| bad(key, m))
 }
 
 /// How much memory the latent cache may take.

@@ -10,13 +10,13 @@ use tch::{Device, Kind, Tensor};
 use crate::batch::{BatchedGroup, SoloSeq, StepPlan};
 use crate::error::Result;
 use crate::kernels;
-use crate::linear::{forward_weight, Linear};
+use crate::linear::{forward_weight, Linear, Weight};
 use crate::loader::LoadCtx;
 /// Re-exported from `loader`, where the load options live (it was defined here before).
 pub use crate::loader::PrefillForm;
 use crate::norm::RmsNorm;
 use crate::profile;
-use crate::rope::{self, permute_rope_rows};
+use crate::rope::{self, permute_rope_rows, rope_row_permutation};
 
 enum QProj {
     Lora { a: Linear, norm: RmsNorm, b: Linear },
@@ -50,19 +50,36 @@ impl Mla {
         let (hid, h) = (c.hidden_size, c.num_attention_heads);
         let (dn, dr, dv, rkv) = (c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank);
         let qk = dn + dr;
-        let perm_q = |w: Tensor| permute_rope_rows(&w, h as i64, qk as i64, dr as i64, c.rope_layout);
+        // The rope rows of q and kv_a are reordered once at load (see `rope`); for FP8 weights the
+        // outputs are reordered instead, which keeps the block scales aligned.
+        let row_order = |groups: usize, block: usize| -> Option<Tensor> {
+            rope_row_permutation(dr, c.rope_layout)?;
+            let rows = Tensor::arange((groups * block) as i64, (Kind::Int64, Device::Cpu)).unsqueeze(1);
+            Some(
+                permute_rope_rows(&rows, groups as i64, block as i64, dr as i64, c.rope_layout)
+                    .squeeze_dim(1),
+            )
+        };
         let q = match c.q_lora_rank {
             Some(rq) => QProj::Lora {
-                a: Linear::new(ctx.weight(&format!("{prefix}.q_a_proj.weight"), &[rq, hid])?),
+                a: Linear::from_weight(ctx.matrix(&format!("{prefix}.q_a_proj.weight"), &[rq, hid])?),
                 norm: ctx.norm(&format!("{prefix}.q_a_layernorm.weight"), rq)?,
-                b: Linear::new(perm_q(ctx.weight(&format!("{prefix}.q_b_proj.weight"), &[h * qk, rq])?)),
+                b: Linear::with_row_order(
+                    ctx.matrix(&format!("{prefix}.q_b_proj.weight"), &[h * qk, rq])?,
+                    row_order(h, qk),
+                ),
             },
-            None => QProj::Plain(Linear::new(perm_q(
-                ctx.weight(&format!("{prefix}.q_proj.weight"), &[h * qk, hid])?,
-            ))),
+            None => QProj::Plain(Linear::with_row_order(
+                ctx.matrix(&format!("{prefix}.q_proj.weight"), &[h * qk, hid])?,
+                row_order(h, qk),
+            )),
         };
-        let kv_a = ctx.weight(&format!("{prefix}.kv_a_proj_with_mqa.weight"), &[rkv + dr, hid])?;
-        let kv_a = permute_rope_rows(&kv_a, 1, (rkv + dr) as i64, dr as i64, c.rope_layout);
+        let kv_a = Linear::with_row_order(
+            ctx.matrix(&format!("{prefix}.kv_a_proj_with_mqa.weight"), &[rkv + dr, hid])?,
+            row_order(1, rkv + dr),
+        );
+        // kv_b is split per head into the two absorption matrices; it is held in the compute dtype
+        // (dequantised when stored as FP8: 2·h·rkv·(dn + dv) bytes a layer, not a hot read).
         let kv_b = ctx.weight(&format!("{prefix}.kv_b_proj.weight"), &[h * (dn + dv), rkv])?.view([
             h as i64,
             (dn + dv) as i64,
@@ -70,11 +87,11 @@ impl Mla {
         ]);
         Ok(Mla {
             q,
-            kv_a: Linear::new(kv_a),
+            kv_a,
             kv_norm: ctx.norm(&format!("{prefix}.kv_a_layernorm.weight"), rkv)?,
             w_uk_t: kv_b.narrow(1, 0, dn as i64).transpose(1, 2).contiguous(),
             w_uv: kv_b.narrow(1, dn as i64, dv as i64).contiguous(),
-            o: Linear::new(ctx.weight(&format!("{prefix}.o_proj.weight"), &[hid, h * dv])?),
+            o: Linear::from_weight(ctx.matrix(&format!("{prefix}.o_proj.weight"), &[hid, h * dv])?),
             h: h as i64,
             dn: dn as i64,
             dr: dr as i64,
@@ -156,9 +173,10 @@ impl Mla {
     /// Per-head `x[:, h, :] · w[h]ᵀ` for `x [n, h, in]`, `w [h, out, in]`: `[n, h, out]`.
     fn per_head(&self, x: &Tensor, w: &Tensor) -> Tensor {
         let xh = x.transpose(0, 1).contiguous();
-        if kernels::use_for(&xh, &w.get(0)) {
-            let heads: Vec<(Tensor, Tensor)> = (0..self.h).map(|i| (xh.get(i), w.get(i))).collect();
-            let pairs: Vec<(&Tensor, &Tensor)> = heads.iter().map(|(a, b)| (a, b)).collect();
+        if kernels::use_for(&xh.get(0), &Weight::Dense(w.get(0))) {
+            let heads: Vec<(Tensor, Weight)> =
+                (0..self.h).map(|i| (xh.get(i), Weight::Dense(w.get(i)))).collect();
+            let pairs: Vec<(&Tensor, &Weight)> = heads.iter().map(|(a, b)| (a, b)).collect();
             return Tensor::stack(&kernels::grouped_linear(&pairs), 1);
         }
         let w = if w.device() == Device::Cpu { w.to_kind(xh.kind()) } else { w.shallow_clone() };
@@ -246,7 +264,7 @@ impl Mla {
             let core = ctx.kind();
             let w_uk_t = self.w_uk_t.to_kind(core);
             let k_nope = round_to(c.matmul(&w_uk_t), act).permute([1, 0, 2]); // [tc, h, dn]
-            let v = round_to(forward_weight(&c, &self.w_uv.view([h * dv, rkv])), act)
+            let v = round_to(forward_weight(&c, &Weight::Dense(self.w_uv.view([h * dv, rkv]))), act)
                 .view([tc, h, dv])
                 .permute([1, 0, 2]);
             let k_pe = ctx.narrow(1, rkv, dr).unsqueeze(1).expand([tc, h, dr], false);

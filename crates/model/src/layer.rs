@@ -32,9 +32,9 @@ impl DecoderLayer {
         } else {
             let (h, i) = (c.hidden_size, c.intermediate_size);
             Ffn::Dense(Mlp::new(
-                ctx.weight(&format!("{p}.mlp.gate_proj.weight"), &[i, h])?,
-                ctx.weight(&format!("{p}.mlp.up_proj.weight"), &[i, h])?,
-                ctx.weight(&format!("{p}.mlp.down_proj.weight"), &[h, i])?,
+                ctx.matrix(&format!("{p}.mlp.gate_proj.weight"), &[i, h])?,
+                ctx.matrix(&format!("{p}.mlp.up_proj.weight"), &[i, h])?,
+                ctx.matrix(&format!("{p}.mlp.down_proj.weight"), &[h, i])?,
             ))
         };
         Ok(DecoderLayer {

@@ -22,7 +22,8 @@ pub mod mtp;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod norm;
-pub mod pool;
+/// The kernels' fork-join pool (it lives with the kernels).
+pub use mlaserve_kernels::pool;
 pub mod profile;
 pub mod rope;
 pub mod sampling;

@@ -1,18 +1,95 @@
+//! Weights of the matrix products in their stored format, and the bias-free linear layer over them.
+
 use tch::{Device, Kind, Tensor};
 
 use crate::kernels;
+use crate::weights::dequantize_fp8;
 
-/// A bias-free linear layer `y = x W^T` with `W` stored `[out, in]` as in the checkpoint.
+/// A `[out, in]` weight as held in memory: a plain tensor, or FP8 e4m3 with its block scales
+/// (`--weights native` on an FP8 checkpoint).
+pub enum Weight {
+    Dense(Tensor),
+    Fp8 {
+        /// `[out, in]`, `Kind::Float8e4m3fn`.
+        q: Tensor,
+        /// `[ceil(out / block_out), ceil(in / block_in)]` f32 (`weight_scale_inv`).
+        scale: Tensor,
+        block: (usize, usize),
+    },
+}
+
+impl Weight {
+    /// `[out, in]`.
+    pub fn size(&self) -> Vec<i64> {
+        match self {
+            Weight::Dense(t) | Weight::Fp8 { q: t, .. } => t.size(),
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        match self {
+            Weight::Dense(t) | Weight::Fp8 { q: t, .. } => t.device(),
+        }
+    }
+
+    /// Bytes held (scales included).
+    pub fn bytes(&self) -> usize {
+        let b = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+        match self {
+            Weight::Dense(t) => b(t),
+            Weight::Fp8 { q, scale, .. } => b(q) + b(scale),
+        }
+    }
+
+    /// The weight as a plain tensor of `kind` (FP8: dequantised, exactly in f32 first).
+    pub fn to_dense(&self, kind: Kind) -> Tensor {
+        match self {
+            Weight::Dense(t) => t.to_kind(kind),
+            Weight::Fp8 { q, scale, block } => {
+                dequantize_fp8(q, scale, block.0, block.1).expect("scale grid checked at load").to_kind(kind)
+            }
+        }
+    }
+
+    /// The same weight with its output rows reordered (`rows[i]` becomes row i). FP8 reorders
+    /// with its scales by dequantising, so it is used only where the order matters for the math.
+    pub fn select_rows(&self, rows: &Tensor, kind_if_fp8: Kind) -> Weight {
+        match self {
+            Weight::Dense(t) => Weight::Dense(t.index_select(0, rows)),
+            Weight::Fp8 { .. } => Weight::Dense(self.to_dense(kind_if_fp8).index_select(0, rows)),
+        }
+    }
+}
+
+/// A bias-free linear layer `y = x W^T` with `W` stored `[out, in]` as in the checkpoint. An
+/// optional permutation of the outputs stands in for reordering the rows of an FP8 weight (whose
+/// block scales a row permutation would break).
 pub struct Linear {
-    weight: Tensor,
+    weight: Weight,
+    out_perm: Option<Tensor>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor) -> Self {
-        Linear { weight }
+        Linear { weight: Weight::Dense(weight), out_perm: None }
     }
 
-    pub fn weight(&self) -> &Tensor {
+    pub fn from_weight(weight: Weight) -> Self {
+        Linear { weight, out_perm: None }
+    }
+
+    /// `y[:, i] = (x Wᵀ)[:, rows[i]]`: the layer of `W` with its rows reordered by `rows`.
+    pub fn with_row_order(weight: Weight, rows: Option<Tensor>) -> Self {
+        match (weight, rows) {
+            (Weight::Dense(t), Some(r)) => Linear::new(t.index_select(0, &r.to_device(t.device()))),
+            (w, r) => {
+                let dev = w.device();
+                Linear { weight: w, out_perm: r.map(|r| r.to_device(dev)) }
+            }
+        }
+    }
+
+    pub fn weight(&self) -> &Weight {
         &self.weight
     }
 
@@ -21,18 +98,39 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        forward_weight(x, &self.weight)
+        let y = forward_weight(x, &self.weight);
+        match &self.out_perm {
+            Some(p) => y.index_select(-1, p),
+            None => y,
+        }
     }
 }
 
-/// `x · wᵀ`: on the CPU through [`kernels`]; without AVX2, bf16 weights multiply as f32 (libtorch's
-/// CPU bf16 GEMM is several times slower); elsewhere libtorch.
-pub fn forward_weight(x: &Tensor, w: &Tensor) -> Tensor {
-    if kernels::use_for(x, w) {
-        return kernels::linear(x, w);
+/// `x · wᵀ` for `x [.., in]`: on the CPU through [`kernels`]; elsewhere libtorch (FP8 dequantised
+/// for the product); without a SIMD kernel, bf16 CPU weights multiply as f32 (libtorch's CPU bf16
+/// GEMM is several times slower).
+pub fn forward_weight(x: &Tensor, w: &Weight) -> Tensor {
+    let shape = x.size();
+    let x2 = if shape.len() == 2 { x.shallow_clone() } else { x.reshape([-1, shape[shape.len() - 1]]) };
+    let y = if kernels::use_for(&x2, w) {
+        kernels::linear(&x2, w)
+    } else {
+        match w {
+            Weight::Dense(t) if t.kind() == Kind::BFloat16 && t.device() == Device::Cpu => {
+                x2.to_kind(Kind::Float).linear::<Tensor>(&t.to_kind(Kind::Float), None).to_kind(x.kind())
+            }
+            Weight::Dense(t) => x2.linear::<Tensor>(&t.to_kind(x.kind()), None),
+            fp8 => {
+                let kind = if x.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+                x2.to_kind(kind).linear::<Tensor>(&fp8.to_dense(kind), None).to_kind(x.kind())
+            }
+        }
+    };
+    if shape.len() == 2 {
+        y
+    } else {
+        let mut out = shape.clone();
+        *out.last_mut().expect("non-scalar") = y.size()[1];
+        y.reshape(out)
     }
-    if w.kind() == Kind::BFloat16 && w.device() == Device::Cpu {
-        return x.to_kind(Kind::Float).linear::<Tensor>(&w.to_kind(Kind::Float), None).to_kind(x.kind());
-    }
-    x.linear::<Tensor>(w, None)
 }

@@ -1,23 +1,49 @@
 use tch::Tensor;
 
-use crate::linear::Linear;
+use crate::kernels;
+use crate::linear::{Linear, Weight};
 
-/// SwiGLU MLP `down(silu(gate x) * up x)` with gate and up fused into one `[2I, H]` matrix.
+/// SwiGLU MLP `down(silu(gate x) * up x)`. Plain weights fuse gate and up into one `[2I, H]`
+/// matrix; FP8 keeps them apart (their block scales would not line up in one matrix when I is
+/// not a multiple of the block) and runs both products in one parallel region.
 pub struct Mlp {
-    gate_up: Linear,
+    up: GateUp,
     down: Linear,
     inter: i64,
 }
 
+enum GateUp {
+    Fused(Linear),
+    Split(Weight, Weight),
+}
+
 impl Mlp {
-    pub fn new(gate: Tensor, up: Tensor, down: Tensor) -> Self {
+    pub fn new(gate: Weight, up: Weight, down: Weight) -> Self {
         let inter = gate.size()[0];
-        Mlp { gate_up: Linear::new(Tensor::cat(&[gate, up], 0)), down: Linear::new(down), inter }
+        let up = match (gate, up) {
+            (Weight::Dense(g), Weight::Dense(u)) => GateUp::Fused(Linear::new(Tensor::cat(&[g, u], 0))),
+            (g, u) => GateUp::Split(g, u),
+        };
+        Mlp { up, down: Linear::from_weight(down), inter }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let gu = self.gate_up.forward(x);
-        let act = gu.narrow(-1, 0, self.inter).silu() * gu.narrow(-1, self.inter, self.inter);
+        let act = match &self.up {
+            GateUp::Fused(gu) => {
+                let gu = gu.forward(x);
+                gu.narrow(-1, 0, self.inter).silu() * gu.narrow(-1, self.inter, self.inter)
+            }
+            GateUp::Split(g, u) => {
+                let (g, u) = if kernels::use_for(x, g) && kernels::use_for(x, u) {
+                    let mut gu = kernels::grouped_linear(&[(x, g), (x, u)]);
+                    let u = gu.pop().expect("two products");
+                    (gu.pop().expect("two products"), u)
+                } else {
+                    (crate::linear::forward_weight(x, g), crate::linear::forward_weight(x, u))
+                };
+                g.silu() * u
+            }
+        };
         self.down.forward(&act)
     }
 }

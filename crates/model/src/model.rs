@@ -33,6 +33,16 @@ pub struct Model {
     mtp: Option<Mtp>,
     rope: Rope,
     expert_shards: usize,
+    weights_held: String,
+}
+
+/// `native (fp8 612.0 MB, bf16 67.1 MB)`.
+fn held_report(
+    format: mlaserve_core::WeightFormat,
+    held: &std::collections::BTreeMap<&'static str, u64>,
+) -> String {
+    let parts: Vec<String> = held.iter().map(|(k, b)| format!("{k} {:.1} MB", *b as f64 / 1e6)).collect();
+    format!("{format} ({})", parts.join(", "))
 }
 
 impl Model {
@@ -79,6 +89,8 @@ impl Model {
             prefill_form: opts.prefill_form,
             combine: Combine::for_devices(opts.device, &expert_devices)?,
             expert_devices,
+            weights: opts.weights,
+            held: Default::default(),
         };
         let expert_shards = ctx.expert_devices.len();
         let (v, h) = (config.vocab_size, config.hidden_size);
@@ -89,19 +101,26 @@ impl Model {
         }
         let (norm, lm_head) = if last {
             let head = if config.tie_word_embeddings && !ck.contains("lm_head.weight") {
-                ctx.weight("model.embed_tokens.weight", &[v, h])?
+                ctx.matrix("model.embed_tokens.weight", &[v, h])?
             } else {
-                ctx.weight("lm_head.weight", &[v, h])?
+                ctx.matrix("lm_head.weight", &[v, h])?
             };
-            (Some(ctx.norm("model.norm.weight", h)?), Some(Linear::new(head)))
+            (Some(ctx.norm("model.norm.weight", h)?), Some(Linear::from_weight(head)))
         } else {
             (None, None)
         };
         let mtp = if want_mtp { Some(Mtp::load(&ctx, n, embed.as_ref())?) } else { None };
+        let weights_held = held_report(opts.weights, &ctx.held.borrow());
+        drop(ctx);
         ck.finish_progress();
+        let kernel =
+            if opts.device == Device::Cpu { crate::kernels::isa::selected().name() } else { "libtorch" };
         tracing::info!(
             layers = ?range,
             dtype = %opts.dtype,
+            weights = %weights_held,
+            kernel,
+            cpu_features = %crate::kernels::isa::cpu_features(),
             mtp = mtp.is_some(),
             expert_shards,
             "model stage loaded"
@@ -118,7 +137,22 @@ impl Model {
             lm_head,
             mtp,
             expert_shards,
+            weights_held,
         })
+    }
+
+    /// How the matrix weights are held, e.g. `native (fp8 612.0 MB, bf16 67.1 MB)`.
+    pub fn weights_held(&self) -> &str {
+        &self.weights_held
+    }
+
+    /// The product kernels this stage runs: the CPU kernel path, or `libtorch` on a GPU.
+    pub fn kernel(&self) -> &'static str {
+        if self.device == Device::Cpu {
+            crate::kernels::isa::selected().name()
+        } else {
+            "libtorch"
+        }
     }
 
     pub fn config(&self) -> &ModelConfig {

@@ -8,7 +8,7 @@ use tch::{Device, Kind, Tensor};
 use crate::combine::Combine;
 use crate::error::Result;
 use crate::kernels;
-use crate::linear::forward_weight;
+use crate::linear::{forward_weight, Weight};
 use crate::loader::LoadCtx;
 use crate::mlp::Mlp;
 use crate::profile;
@@ -84,22 +84,44 @@ impl Dispatch {
 pub struct ExpertShard {
     /// Global id of the first expert held.
     first: i64,
-    /// `[n, 2I, H]` (gate rows then up rows) and `[n, H, I]`.
-    gate_up: Tensor,
-    down: Tensor,
+    experts: ExpertWeights,
     inter: i64,
     device: Device,
 }
 
+/// A shard's expert weights.
+enum ExpertWeights {
+    /// Plain weights stacked: `[n, 2I, H]` (gate rows then up rows) and `[n, H, I]`.
+    Stacked { gate_up: Tensor, down: Tensor },
+    /// FP8 weights, (gate, up, down) per expert, each with its own block scales.
+    Each(Vec<[Weight; 3]>),
+}
+
 impl ExpertShard {
     pub fn num_experts(&self) -> i64 {
-        self.gate_up.size()[0]
+        match &self.experts {
+            ExpertWeights::Stacked { gate_up, .. } => gate_up.size()[0],
+            ExpertWeights::Each(v) => v.len() as i64,
+        }
     }
 
-    fn grouped_kernel(&self) -> bool {
-        matches!(self.gate_up.kind(), Kind::BFloat16 | Kind::Float)
-            && self.device == Device::Cpu
-            && kernels::simd_available()
+    /// The weights of local expert `e`: (gate and up as one or two products, down).
+    fn weights_of(&self, e: i64) -> (Vec<Weight>, Weight) {
+        match &self.experts {
+            ExpertWeights::Stacked { gate_up, down } => {
+                (vec![Weight::Dense(gate_up.get(e))], Weight::Dense(down.get(e)))
+            }
+            ExpertWeights::Each(v) => {
+                let [g, u, d] = &v[e as usize];
+                let sh = |w: &Weight| match w {
+                    Weight::Dense(t) => Weight::Dense(t.shallow_clone()),
+                    Weight::Fp8 { q, scale, block } => {
+                        Weight::Fp8 { q: q.shallow_clone(), scale: scale.shallow_clone(), block: *block }
+                    }
+                };
+                (vec![sh(g), sh(u)], sh(d))
+            }
+        }
     }
 
     /// This shard's experts' weighted outputs summed per token, `[N, H]` on the shard's device, or
@@ -113,27 +135,37 @@ impl ExpertShard {
         let rows = d.token_of.narrow(0, start, end - start);
         let xs = x.index_select(0, &rows).to_device(self.device);
         let rows = rows.to_device(self.device);
-        // The active experts and their runs of rows in `xs`.
-        let active: Vec<(i64, i64, i64)> = (lo..hi)
+        // The active experts, their weights and their runs of rows in `xs`.
+        let active: Vec<(Tensor, Vec<Weight>, Weight)> = (lo..hi)
             .filter(|&e| d.offsets[e + 1] > d.offsets[e])
-            .map(|e| (e as i64 - self.first, d.offsets[e] - start, d.offsets[e + 1] - d.offsets[e]))
+            .map(|e| {
+                let (gu, down) = self.weights_of(e as i64 - self.first);
+                (xs.narrow(0, d.offsets[e] - start, d.offsets[e + 1] - d.offsets[e]), gu, down)
+            })
             .collect();
-        let swiglu = |gu: &Tensor| gu.narrow(1, 0, self.inter).silu() * gu.narrow(1, self.inter, self.inter);
-        let outs: Vec<Tensor> = if self.grouped_kernel() {
+        let inter = self.inter;
+        let swiglu = |gu: &[Tensor]| match gu {
+            [gu] => gu.narrow(1, 0, inter).silu() * gu.narrow(1, inter, inter),
+            [g, u] => g.silu() * u,
+            _ => unreachable!("gate and up are one or two products"),
+        };
+        let kernel =
+            active.iter().all(|(x, gu, down)| gu.iter().chain([down]).all(|w| kernels::use_for(x, w)));
+        let outs: Vec<Tensor> = if kernel {
             // All active experts' products in one parallel region per matrix.
-            let ins: Vec<(Tensor, Tensor)> =
-                active.iter().map(|&(e, a, n)| (xs.narrow(0, a, n), self.gate_up.get(e))).collect();
-            let pairs: Vec<(&Tensor, &Tensor)> = ins.iter().map(|(x, w)| (x, w)).collect();
-            let acts: Vec<Tensor> = kernels::grouped_linear(&pairs).iter().map(swiglu).collect();
-            let downs: Vec<Tensor> = active.iter().map(|&(e, _, _)| self.down.get(e)).collect();
-            let pairs: Vec<(&Tensor, &Tensor)> = acts.iter().zip(&downs).collect();
+            let pairs: Vec<(&Tensor, &Weight)> =
+                active.iter().flat_map(|(x, gu, _)| gu.iter().map(move |w| (x, w))).collect();
+            let gu = kernels::grouped_linear(&pairs);
+            let per = active.first().map(|(_, gu, _)| gu.len()).unwrap_or(1);
+            let acts: Vec<Tensor> = gu.chunks(per).map(swiglu).collect();
+            let pairs: Vec<(&Tensor, &Weight)> = acts.iter().zip(active.iter().map(|(_, _, d)| d)).collect();
             kernels::grouped_linear(&pairs)
         } else {
             active
                 .iter()
-                .map(|&(e, a, n)| {
-                    let gu = forward_weight(&xs.narrow(0, a, n), &self.gate_up.get(e));
-                    forward_weight(&swiglu(&gu), &self.down.get(e))
+                .map(|(x, gu, down)| {
+                    let gu: Vec<Tensor> = gu.iter().map(|w| forward_weight(x, w)).collect();
+                    forward_weight(&swiglu(&gu), down)
                 })
                 .collect()
         };
@@ -176,30 +208,48 @@ impl Moe {
         let mut shards = Vec::with_capacity(g);
         for (s, &device) in shard_devices.iter().enumerate() {
             let (lo, hi) = (s * e / g, (s + 1) * e / g);
-            let mut gate_up = Vec::with_capacity(hi - lo);
-            let mut down = Vec::with_capacity(hi - lo);
+            let mut each = Vec::with_capacity(hi - lo);
             for j in lo..hi {
                 let p = format!("{prefix}.experts.{j}");
-                let gate = ctx.weight(&format!("{p}.gate_proj.weight"), &[inter, hid])?;
-                let up = ctx.weight(&format!("{p}.up_proj.weight"), &[inter, hid])?;
-                gate_up.push(Tensor::cat(&[gate, up], 0));
-                down.push(ctx.weight(&format!("{p}.down_proj.weight"), &[hid, inter])?);
+                each.push([
+                    ctx.matrix(&format!("{p}.gate_proj.weight"), &[inter, hid])?,
+                    ctx.matrix(&format!("{p}.up_proj.weight"), &[inter, hid])?,
+                    ctx.matrix(&format!("{p}.down_proj.weight"), &[hid, inter])?,
+                ]);
             }
-            shards.push(ExpertShard {
-                first: lo as i64,
-                gate_up: Tensor::stack(&gate_up, 0).to_device(device),
-                down: Tensor::stack(&down, 0).to_device(device),
-                inter: inter as i64,
-                device,
-            });
+            let experts = if each.iter().flatten().all(|w| matches!(w, Weight::Dense(_))) {
+                let dense = |i: usize| -> Vec<Tensor> {
+                    each.iter()
+                        .map(|ws| match &ws[i] {
+                            Weight::Dense(t) => t.shallow_clone(),
+                            Weight::Fp8 { .. } => unreachable!("checked dense"),
+                        })
+                        .collect()
+                };
+                let (g, u) = (dense(0), dense(1));
+                let gate_up: Vec<Tensor> = g.iter().zip(&u).map(|(g, u)| Tensor::cat(&[g, u], 0)).collect();
+                ExpertWeights::Stacked {
+                    gate_up: Tensor::stack(&gate_up, 0).to_device(device),
+                    down: Tensor::stack(&dense(2), 0).to_device(device),
+                }
+            } else {
+                let to = |w: Weight| match w {
+                    Weight::Dense(t) => Weight::Dense(t.to_device(device)),
+                    Weight::Fp8 { q, scale, block } => {
+                        Weight::Fp8 { q: q.to_device(device), scale: scale.to_device(device), block }
+                    }
+                };
+                ExpertWeights::Each(each.into_iter().map(|ws| ws.map(to)).collect())
+            };
+            shards.push(ExpertShard { first: lo as i64, experts, inter: inter as i64, device });
         }
         let shared = if c.n_shared_experts > 0 {
             let si = inter * c.n_shared_experts;
             let p = format!("{prefix}.shared_experts");
             Some(Mlp::new(
-                ctx.weight(&format!("{p}.gate_proj.weight"), &[si, hid])?,
-                ctx.weight(&format!("{p}.up_proj.weight"), &[si, hid])?,
-                ctx.weight(&format!("{p}.down_proj.weight"), &[hid, si])?,
+                ctx.matrix(&format!("{p}.gate_proj.weight"), &[si, hid])?,
+                ctx.matrix(&format!("{p}.up_proj.weight"), &[si, hid])?,
+                ctx.matrix(&format!("{p}.down_proj.weight"), &[hid, si])?,
             ))
         } else {
             None
@@ -322,8 +372,10 @@ mod tests {
                 let (lo, hi) = (s * e / g, (s + 1) * e / g);
                 let shard = ExpertShard {
                     first: lo,
-                    gate_up: gate_up.narrow(0, lo, hi - lo),
-                    down: down.narrow(0, lo, hi - lo),
+                    experts: ExpertWeights::Stacked {
+                        gate_up: gate_up.narrow(0, lo, hi - lo),
+                        down: down.narrow(0, lo, hi - lo),
+                    },
                     inter: i,
                     device: Device::Cpu,
                 };

@@ -39,7 +39,7 @@ impl Mtp {
             embed,
             enorm: ctx.norm(&format!("{p}.enorm.weight"), h)?,
             hnorm: ctx.norm(&format!("{p}.hnorm.weight"), h)?,
-            eh_proj: Linear::new(ctx.weight(&format!("{p}.eh_proj.weight"), &[h, 2 * h])?),
+            eh_proj: Linear::from_weight(ctx.matrix(&format!("{p}.eh_proj.weight"), &[h, 2 * h])?),
             layer: DecoderLayer::load(ctx, index, moe)?,
             head_norm: ctx.norm(&format!("{p}.shared_head.norm.weight"), h)?,
         })

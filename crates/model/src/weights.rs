@@ -16,6 +16,7 @@ use safetensors::SafeTensors;
 use tch::{Kind, Tensor};
 
 use crate::error::{ModelError, Result};
+use crate::linear::Weight;
 
 struct MappedFile {
     path: PathBuf,
@@ -174,16 +175,43 @@ impl Checkpoint {
         if raw.kind() != Kind::Float8e4m3fn {
             return Ok(raw.to_kind(kind));
         }
-        let (bo, bi) = match self.quantization {
-            Quantization::Fp8 { block_out, block_in } => (block_out, block_in),
-            // A checkpoint without quantization_config but with FP8 tensors still follows the V3 format.
-            Quantization::None => (128, 128),
-        };
+        let (bo, bi) = self.fp8_block();
         let scale_name = format!("{name}_scale_inv");
         let scale = self.raw(&scale_name)?.to_kind(Kind::Float);
         Ok(dequantize_fp8(&raw, &scale, bo, bi)
             .map_err(|msg| ModelError::Shape { name: scale_name, expected: msg.0, got: msg.1 })?
             .to_kind(kind))
+    }
+
+    /// A matrix weight as stored: FP8 e4m3 stays FP8 with its `_scale_inv` grid (checked against
+    /// the shape); any other dtype is returned as stored.
+    pub fn load_native(&self, name: &str, expected: &[usize]) -> Result<Weight> {
+        let got = self.entry(name)?.info.shape.clone();
+        if got != expected {
+            return Err(ModelError::Shape { name: name.into(), expected: expected.to_vec(), got });
+        }
+        let raw = self.raw(name)?;
+        if raw.kind() != Kind::Float8e4m3fn {
+            return Ok(Weight::Dense(raw));
+        }
+        let block = self.fp8_block();
+        let scale_name = format!("{name}_scale_inv");
+        let scale = self.raw(&scale_name)?.to_kind(Kind::Float).contiguous();
+        let grid = vec![expected[0].div_ceil(block.0), expected[1].div_ceil(block.1)];
+        let have: Vec<usize> = scale.size().iter().map(|&d| d as usize).collect();
+        if have != grid {
+            return Err(ModelError::Shape { name: scale_name, expected: grid, got: have });
+        }
+        Ok(Weight::Fp8 { q: raw, scale, block })
+    }
+
+    /// The FP8 block shape: `quantization_config.weight_block_size`, else V3's 128 × 128.
+    fn fp8_block(&self) -> (usize, usize) {
+        match self.quantization {
+            Quantization::Fp8 { block_out, block_in } => (block_out, block_in),
+            // A checkpoint without quantization_config but with FP8 tensors still follows the V3 format.
+            Quantization::None => (128, 128),
+        }
     }
 
     /// Like [`Checkpoint::load`], failing with a clear message when the shape differs from `expected`.

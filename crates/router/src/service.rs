@@ -216,6 +216,8 @@ impl Generation for GenerationService {
                     layer_end: info.layer_end,
                     expert_shards: info.expert_shards,
                     device: info.device,
+                    kernel: info.kernel,
+                    weights: info.weights,
                     healthy: s.healthy,
                     error: s.error.clone(),
                 }

@@ -32,6 +32,8 @@ pub struct WorkerOptions {
     pub expert_shards: usize,
     pub device: DeviceKind,
     pub dtype: DType,
+    /// How matrix weights are held (`--weights`).
+    pub weights: mlaserve_core::WeightFormat,
     /// Cache blocks; 0 = sized by `kv_cache_memory`, or the default count without it.
     pub kv_blocks: usize,
     pub kv_cache_memory: Option<KvCacheMemory>,
@@ -74,6 +76,7 @@ fn load(opts: &WorkerOptions) -> Result<(Compute, StageFacts), StageError> {
             layers: Some(opts.layers.clone()),
             mtp: true,
             expert_devices,
+            weights: opts.weights,
             ..Default::default()
         },
     )?;
@@ -105,6 +108,8 @@ fn load(opts: &WorkerOptions) -> Result<(Compute, StageFacts), StageError> {
         model_type: c.model_type.clone(),
         cache_bytes: cache_bytes as u64,
         active_sequences: 0,
+        kernel: model.kernel().into(),
+        weights: model.weights_held().into(),
     };
     let compute = Compute::spawn(model, kv_blocks, opts.block_size);
     Ok((compute, StageFacts { info }))

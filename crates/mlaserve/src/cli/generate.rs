@@ -22,6 +22,9 @@ pub struct Args {
     seed: u64,
     #[arg(long, default_value = "f32")]
     dtype: DType,
+    /// native (as stored: FP8 stays FP8 with its scales), bf16 or f32.
+    #[arg(long, default_value = "native")]
+    weights: mlaserve_core::WeightFormat,
     /// cpu, or cuda (device 0; needs a `--features cuda` build and a GPU).
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -54,8 +57,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         ),
         other => anyhow::bail!("--device must be cpu or cuda, got {other:?}"),
     };
-    let model = Model::load(&a.model, &LoadOptions { dtype: a.dtype, device, ..Default::default() })
-        .with_context(|| format!("loading {}", a.model.display()))?;
+    let model = Model::load(
+        &a.model,
+        &LoadOptions { dtype: a.dtype, device, weights: a.weights, ..Default::default() },
+    )
+    .with_context(|| format!("loading {}", a.model.display()))?;
     let stop_ids = if a.stop_at_eos { model.config().eos_token_ids.clone() } else { vec![] };
     let reqs: Vec<EngineRequest> = a
         .ids

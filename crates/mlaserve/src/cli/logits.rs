@@ -19,6 +19,9 @@ pub struct Args {
     start_pos: usize,
     #[arg(long, default_value = "f32")]
     dtype: DType,
+    /// native (as stored: FP8 stays FP8), bf16 or f32.
+    #[arg(long, default_value = "native")]
+    weights: mlaserve_core::WeightFormat,
     /// Also write `mtp_logits` [T-1, vocab] from the MTP module.
     #[arg(long)]
     mtp: bool,
@@ -42,6 +45,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let opts = LoadOptions {
         dtype: a.dtype,
         mtp: a.mtp,
+        weights: a.weights,
         prefill_form: match a.prefill_form {
             PrefillArg::Auto => PrefillForm::Auto,
             PrefillArg::Absorbed => PrefillForm::Absorbed,

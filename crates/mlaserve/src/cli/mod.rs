@@ -76,6 +76,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         util::init_logging();
     }
     tch::set_num_threads(mlaserve_model::kernels::LIBTORCH_CPU_THREADS);
+    // A kernel path the CPU lacks (MLASERVE_KERNEL) fails here, before anything loads.
+    mlaserve_model::kernels::isa::init_from_env()?;
     if let Some(t) = cli.threads.filter(|&t| t > 0) {
         mlaserve_model::pool::init_global(t as usize);
     }

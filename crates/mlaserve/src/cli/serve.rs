@@ -38,6 +38,9 @@ pub struct Args {
     /// auto, f32 or bf16 [serve.dtype, default auto].
     #[arg(long)]
     pub dtype: Option<String>,
+    /// native, bf16 or f32: how every stage holds its weights [serve.weights, default native].
+    #[arg(long)]
+    pub weights: Option<String>,
     /// Cache blocks per stage; overrides --kv-cache-memory [serve.kv_blocks, default: from
     /// --kv-cache-memory, else 1024].
     #[arg(long)]
@@ -77,6 +80,7 @@ async fn spawn_worker(
         ("--expert-shards", v.expert_shards.to_string()),
         ("--device", v.device.clone()),
         ("--dtype", v.dtype.clone()),
+        ("--weights", v.weights.clone()),
         ("--kv-blocks", v.kv_blocks.to_string()),
         ("--kv-cache-memory", v.kv_cache_memory.clone()),
         ("--stage-token-file", s.security.stage_token_file.clone()),
@@ -126,6 +130,7 @@ pub fn run(a: Args, g: &Global) -> anyhow::Result<()> {
     o.set_num("serve.expert_shards", a.expert_shards);
     o.set("serve.device", a.device.clone());
     o.set("serve.dtype", a.dtype.clone());
+    o.set("serve.weights", a.weights.clone());
     o.set_num("serve.kv_blocks", a.kv_blocks);
     o.set("serve.kv_cache_memory", a.kv_cache_memory.clone());
     o.set("security.stage_token_file", a.stage_token_file.clone());

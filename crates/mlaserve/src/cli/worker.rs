@@ -27,6 +27,10 @@ pub struct Args {
     /// auto, f32 or bf16 [worker.dtype, default auto: bf16 on cuda, f32 on cpu].
     #[arg(long)]
     pub dtype: Option<String>,
+    /// native (as stored: FP8 stays FP8 with its scales), bf16 or f32 [worker.weights, default
+    /// native].
+    #[arg(long)]
+    pub weights: Option<String>,
     /// Blocks in this stage's latent cache; overrides --kv-cache-memory [worker.kv_blocks,
     /// default: from --kv-cache-memory, else 1024].
     #[arg(long)]
@@ -56,6 +60,7 @@ impl Args {
         o.set_num("worker.expert_shards", self.expert_shards);
         o.set("worker.device", self.device.clone());
         o.set("worker.dtype", self.dtype.clone());
+        o.set("worker.weights", self.weights.clone());
         o.set_num("worker.kv_blocks", self.kv_blocks);
         o.set("worker.kv_cache_memory", self.kv_cache_memory.clone());
         o.set("security.stage_token_file", self.stage_token_file.clone());
@@ -91,6 +96,7 @@ pub fn run(a: Args, g: &Global) -> anyhow::Result<()> {
         expert_shards: w.expert_shards,
         device: if w.device == "cuda" { DeviceKind::Cuda } else { DeviceKind::Cpu },
         dtype: resolve_dtype(&w.dtype, &w.device),
+        weights: w.weights.parse().map_err(anyhow::Error::msg)?,
         kv_blocks: w.kv_blocks,
         kv_cache_memory: parse_kv_cache_memory(&w.kv_cache_memory).map_err(anyhow::Error::msg)?,
         block_size: w.block_size,

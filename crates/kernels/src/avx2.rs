@@ -1,0 +1,137 @@
+//! AVX2 + FMA + F16C path: 8 lanes, scalar tails at the edges of each reduction block.
+#![cfg(target_arch = "x86_64")]
+
+use std::arch::x86_64::*;
+
+use crate::portable::{block_k, block_scale, weight};
+use crate::{Cols, Weights};
+
+/// How one weight format is widened to 8 f32 lanes.
+trait Fmt {
+    type E;
+    unsafe fn load(p: *const Self::E) -> __m256;
+}
+
+struct F32;
+struct Bf16;
+struct Fp8;
+
+impl Fmt for F32 {
+    type E = f32;
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+}
+
+impl Fmt for Bf16 {
+    type E = u16;
+    #[inline(always)]
+    unsafe fn load(p: *const u16) -> __m256 {
+        let v = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(v)))
+    }
+}
+
+impl Fmt for Fp8 {
+    type E = u8;
+    /// e4m3 → the f16 bits of e4m3 / 2⁸ (see [`crate::fp8`]) → f32.
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> __m256 {
+        let h = _mm_slli_epi16::<7>(_mm_cvtepi8_epi16(_mm_loadl_epi64(p as *const __m128i)));
+        _mm256_cvtph_ps(_mm_and_si128(h, _mm_set1_epi16(0xBFFFu16 as i16)))
+    }
+}
+
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+    _mm_cvtss_f32(s)
+}
+
+/// R weight rows × C input rows over the whole K, block by block of the reduction.
+#[inline(always)]
+unsafe fn tile<F: Fmt, const R: usize, const C: usize>(c: &Cols, w: *const F::E, n: usize, m: usize) {
+    let p = c.p;
+    let k = p.k;
+    let bk = block_k(p);
+    let x = p.x.as_ptr().add(m * k);
+    let wrow = w.add(n * k);
+    let mut total = [[0f32; C]; R];
+    let mut k0 = 0;
+    let mut kb = 0;
+    while k0 < k {
+        let k1 = (k0 + bk).min(k);
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let mut kk = k0;
+        while kk + 8 <= k1 {
+            let mut xv = [_mm256_setzero_ps(); C];
+            for (j, v) in xv.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(x.add(j * k + kk));
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let wv = F::load(wrow.add(r * k + kk));
+                for (j, a) in row.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(wv, xv[j], *a);
+                }
+            }
+            kk += 8;
+        }
+        for (r, (trow, arow)) in total.iter_mut().zip(&acc).enumerate() {
+            let f = block_scale(p, n + r, kb);
+            for (j, (t, a)) in trow.iter_mut().zip(arow).enumerate() {
+                let mut s = hsum(*a);
+                for q in kk..k1 {
+                    s += *x.add(j * k + q) * weight(&p.w, (n + r) * k + q);
+                }
+                *t += match f {
+                    Some(f) => s * f,
+                    None => s,
+                };
+            }
+        }
+        k0 = k1;
+        kb += 1;
+    }
+    for (r, row) in total.iter().enumerate() {
+        for (j, t) in row.iter().enumerate() {
+            *c.out.add((m + j) * p.n + n + r) = *t;
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn sweep<F: Fmt>(c: &Cols, w: *const F::E, m0: usize, m1: usize) {
+    let mut n = c.n0;
+    while n < c.n1 {
+        let r = if c.n1 - n >= 4 { 4 } else { 1 };
+        let mut m = m0;
+        while m < m1 {
+            let cols = (m1 - m).min(3);
+            match (r, cols) {
+                (4, 3) => tile::<F, 4, 3>(c, w, n, m),
+                (4, 2) => tile::<F, 4, 2>(c, w, n, m),
+                (4, _) => tile::<F, 4, 1>(c, w, n, m),
+                (_, 3) => tile::<F, 1, 3>(c, w, n, m),
+                (_, 2) => tile::<F, 1, 2>(c, w, n, m),
+                _ => tile::<F, 1, 1>(c, w, n, m),
+            }
+            m += cols;
+        }
+        n += r;
+    }
+}
+
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; `c.out` points to `m * n` writable floats and no other thread
+/// writes columns `n0..n1`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn columns(c: &Cols, m0: usize, m1: usize) {
+    match c.p.w {
+        Weights::F32(w) => sweep::<F32>(c, w.as_ptr(), m0, m1),
+        Weights::Bf16(w) => sweep::<Bf16>(c, w.as_ptr(), m0, m1),
+        Weights::Fp8(f) => sweep::<Fp8>(c, f.q.as_ptr(), m0, m1),
+    }
+}

@@ -1,0 +1,177 @@
+//! CPU matrix products `y = x · Wᵀ` for the model's weights, parallel on a fork-join pool
+//! ([`pool`]), with one kernel per instruction set ([`isa`]) chosen once at start-up.
+//!
+//! `W` is `[N, K]` row-major (the checkpoint layout) in f32, bf16 or block-scaled FP8 e4m3
+//! ([`Weights`]); `x` is `[M, K]` f32 (and, where the activations are bf16, the same values as
+//! bf16 for the `vdpbf16ps` path). Weights are widened in registers — bf16 by a 16-bit shift, FP8
+//! through the f16 converter ([`fp8`]) with the block scale applied once per block of the
+//! reduction — and accumulated in f32; each loaded weight vector serves several rows of `x`.
+//!
+//! Why hand-written: decode is a matrix-vector product that must stream weights at memory speed
+//! in the checkpoint's own format (bf16, FP8 with block scales). GEMM libraries (libtorch/oneDNN,
+//! the `gemm` crate) take f32/f16 operands, so they would need a converted copy of every weight
+//! (twice or four times the bytes read per token); `pulp`/`multiversion` would only replace the
+//! `target_feature` dispatch here, which is a dozen lines. `benches` in the model crate compares
+//! these kernels with libtorch on the same shapes.
+
+pub mod fp8;
+pub mod isa;
+pub mod pool;
+
+mod avx2;
+mod avx512;
+mod portable;
+
+pub use isa::Isa;
+
+/// Weights `[N, K]` in their stored format.
+#[derive(Clone, Copy)]
+pub enum Weights<'a> {
+    F32(&'a [f32]),
+    /// bf16 bit patterns.
+    Bf16(&'a [u16]),
+    Fp8(Fp8<'a>),
+}
+
+/// FP8 e4m3 weights with one f32 scale per `block_n × block_k` block (DeepSeek-V3:
+/// `weight_scale_inv`, 128 × 128); edge blocks may be partial.
+#[derive(Clone, Copy)]
+pub struct Fp8<'a> {
+    pub q: &'a [u8],
+    /// `[ceil(N / block_n), ceil(K / block_k)]`, row-major.
+    pub scale: &'a [f32],
+    pub block_n: usize,
+    pub block_k: usize,
+}
+
+/// One product of a group: `y[m, n] = Σ_k x[m, k] · w[n, k]`.
+pub struct Problem<'a> {
+    /// `[M, K]` f32, row-major.
+    pub x: &'a [f32],
+    /// The same values as bf16, when they are exactly bf16 (bf16 activations): lets bf16 weights
+    /// use `vdpbf16ps`. Must be None when `x` holds values bf16 cannot represent.
+    pub x_bf16: Option<&'a [u16]>,
+    pub w: Weights<'a>,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// Output rows per task: enough to amortise scheduling, small enough to spread over the cores;
+/// a multiple of every tile height.
+const ROWS_PER_TASK: usize = 32;
+/// Contiguous rows per task: a long sequential read per task (the hardware prefetchers lose
+/// little at task boundaries), about four tasks per thread for balance.
+fn rows_per_task(n: usize) -> usize {
+    let threads = pool::global().threads();
+    (n.div_ceil(4 * threads).div_ceil(4) * 4).clamp(ROWS_PER_TASK, 4096)
+}
+
+/// Input rows per pass over a task's weights: the pass's `x` stays in L2 while its weights stay in
+/// L1/L2, so a long prompt does not stream `x` once per weight tile.
+const ROWS_PER_PASS: usize = 48;
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every task writes a disjoint set of output elements (its own rows of W, i.e. columns of y).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// A task's share: output columns `n0..n1` of one problem, all its input rows.
+pub(crate) struct Cols<'p, 'a> {
+    pub p: &'p Problem<'a>,
+    pub n0: usize,
+    pub n1: usize,
+    pub out: *mut f32,
+}
+
+impl Problem<'_> {
+    fn check(&self, i: usize, out_len: usize) {
+        let (m, n, k) = (self.m, self.n, self.k);
+        assert!(out_len >= m * n, "problem {i}: output buffer too small");
+        assert!(self.x.len() >= m * k, "problem {i}: x too small");
+        if let Some(xb) = self.x_bf16 {
+            assert!(xb.len() >= m * k, "problem {i}: x_bf16 too small");
+        }
+        let w_len = match self.w {
+            Weights::F32(w) => w.len(),
+            Weights::Bf16(w) => w.len(),
+            Weights::Fp8(f) => {
+                assert!(f.block_n > 0 && f.block_k > 0, "problem {i}: empty FP8 block");
+                let grid = n.div_ceil(f.block_n) * k.div_ceil(f.block_k);
+                assert!(f.scale.len() >= grid, "problem {i}: FP8 scale grid too small");
+                f.q.len()
+            }
+        };
+        assert!(w_len >= n * k, "problem {i}: weights too small");
+    }
+}
+
+/// Runs every problem into caller-provided `[M, N]` f32 outputs on the process's kernel path.
+pub fn grouped_gemm_into(problems: &[Problem], outs: &mut [&mut [f32]]) {
+    grouped_gemm_into_with(isa::selected(), problems, outs)
+}
+
+/// [`grouped_gemm_into`] on a given path (tests and benchmarks compare paths in one process).
+///
+/// # Panics
+/// When `isa` is not supported by this CPU, or a buffer is smaller than its shape.
+pub fn grouped_gemm_into_with(isa: Isa, problems: &[Problem], outs: &mut [&mut [f32]]) {
+    assert!(isa.supported(), "kernel path {isa} is not supported by this CPU");
+    assert_eq!(problems.len(), outs.len());
+    for (i, (p, o)) in problems.iter().zip(outs.iter()).enumerate() {
+        p.check(i, o.len());
+    }
+    let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
+    let tasks: Vec<(usize, usize, usize)> = problems
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.m > 0 && p.n > 0)
+        .flat_map(|(i, p)| {
+            let rows = rows_per_task(p.n);
+            (0..p.n).step_by(rows).map(move |n0| (i, n0, (n0 + rows).min(p.n)))
+        })
+        .collect();
+    let run = |&(i, n0, n1): &(usize, usize, usize)| {
+        let p = &problems[i];
+        if p.k == 0 {
+            // SAFETY: columns n0..n1 of this problem's output belong to this task alone.
+            unsafe { portable::zero_columns(p, n0, n1, ptrs[i].0) };
+            return;
+        }
+        for m0 in (0..p.m).step_by(ROWS_PER_PASS) {
+            let m1 = (m0 + ROWS_PER_PASS).min(p.m);
+            let c = Cols { p, n0, n1, out: ptrs[i].0 };
+            // SAFETY: columns n0..n1 of this problem's output belong to this task alone; the
+            // buffers outlive the parallel region; sizes were checked above; `isa` is supported.
+            unsafe {
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512Bf16 | Isa::Avx512 => avx512::columns(&c, m0, m1, isa == Isa::Avx512Bf16),
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => avx2::columns(&c, m0, m1),
+                    _ => portable::columns(&c, m0, m1),
+                }
+            }
+        }
+    };
+    pool::global().for_each(tasks.len(), &|t| run(&tasks[t]));
+}
+
+/// bf16 bits of an f32, rounding to nearest even (NaN stays NaN).
+pub fn bf16_bits(v: f32) -> u16 {
+    let b = v.to_bits();
+    if v.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// The f32 value of bf16 bits.
+#[inline(always)]
+pub fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+#[cfg(test)]
+mod tests;
