@@ -233,3 +233,14 @@ def batched_bench(bindir: Path, gguf: Path, threads: int, pp: int, tg: int, pls)
             row["output_tok_s"] = row["pl"] * row["tg"] / row["t"]
             rows[row["pl"]] = row
     return rows
+
+
+def quantize(bindir: Path, gguf: Path, kind: str = "q8_0") -> Path:
+    """`llama-quantize` of a GGUF (cached beside it)."""
+    out = gguf.with_name(f"model-{kind}.gguf")
+    if not out.exists():
+        log(f"llama-quantize {gguf.name} -> {out.name}")
+        tmp = out.with_suffix(".tmp")
+        _run([bindir / "llama-quantize", gguf, tmp, kind])
+        tmp.rename(out)
+    return out

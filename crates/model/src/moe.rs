@@ -157,7 +157,22 @@ impl ExpertShard {
                 active.iter().flat_map(|(x, gu, _)| gu.iter().map(move |w| (x, w))).collect();
             let gu = kernels::grouped_linear(&pairs);
             let per = active.first().map(|(_, gu, _)| gu.len()).unwrap_or(1);
-            let acts: Vec<Tensor> = gu.chunks(per).map(swiglu).collect();
+            // SwiGLU once over all experts' rows (a handful of libtorch ops per layer, not per
+            // expert), then each expert's rows as a view.
+            let column = |j: usize| -> Tensor {
+                let v: Vec<&Tensor> = gu.chunks(per).map(|c| &c[j]).collect();
+                Tensor::cat(&v, 0)
+            };
+            let act = if per == 1 { swiglu(&[column(0)]) } else { swiglu(&[column(0), column(1)]) };
+            let mut row = 0;
+            let acts: Vec<Tensor> = active
+                .iter()
+                .map(|(x, _, _)| {
+                    let n = x.size()[0];
+                    row += n;
+                    act.narrow(0, row - n, n)
+                })
+                .collect();
             let pairs: Vec<(&Tensor, &Weight)> = acts.iter().zip(active.iter().map(|(_, _, d)| d)).collect();
             kernels::grouped_linear(&pairs)
         } else {
