@@ -18,6 +18,7 @@ Usage: python benches/fp8.py [--threads 2] [--rounds 2] [--new-tokens 64] [--jso
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,7 @@ def generate(binary, model, weights, threads, batch, prompt_len, new_tokens):
     if os.waitstatus_to_exitcode(status) != 0:
         sys.stderr.write(err[-4000:])
         raise RuntimeError("mlaserve generate failed")
+    err = re.sub(r"\x1b\[[0-9;]*m", "", err)
     return json.loads(err.strip().splitlines()[-1]), usage.ru_maxrss * 1024, err
 
 
@@ -91,8 +93,9 @@ def main():
             for k, v in runs.items()}
     res = {"cpu": cpu, "threads": a.threads, "kernel_log": kernel, "runs": runs, "best": best}
     n, b, q = best["native"], best["bf16"], best["q8_0"]
-    print(f"\nFP8 benchmark shape, {a.threads} threads, best of {a.rounds} rounds; CPU {cpu}")
-    print(f"mlaserve: {kernel.split('kernel=')[1].split()[0] if kernel else '?'}")
+    print(f"\nFP8 benchmark shape, {a.threads} threads, best of {a.rounds} rounds; CPU {cpu['model']}, "
+          f"{cpu['cpus']} CPUs, flags {' '.join(cpu['flags'])}")
+    print(f"mlaserve kernel path: {kernel.split('kernel=')[1].split()[0] if kernel else 'not reported'}")
     print(f"{'figure':<18}{'native (fp8)':>14}{'bf16':>10}{'q8_0':>10}{'native/bf16':>13}{'native/q8_0':>13}")
     for f in ("decode_b1", "prefill_512"):
         print(f"{f:<18}{n[f]:>14.1f}{b[f]:>10.1f}{q[f]:>10.1f}{n[f] / b[f]:>12.2f}x{n[f] / q[f]:>12.2f}x")

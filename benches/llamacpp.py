@@ -185,7 +185,7 @@ def convert(cache: Path, checkpoint: Path, python: str) -> Path:
 
 
 def _run(args):
-    r = subprocess.run([str(a) for a in args], capture_output=True, text=True)
+    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, errors="replace")
     if r.returncode != 0:
         sys.stderr.write(r.stdout[-2000:] + r.stderr[-4000:])
         raise RuntimeError(f"{Path(str(args[0])).name} failed ({r.returncode})")
