@@ -51,12 +51,20 @@ impl Weight {
         }
     }
 
-    /// The same weight with its output rows reordered (`rows[i]` becomes row i). FP8 reorders
-    /// with its scales by dequantising, so it is used only where the order matters for the math.
-    pub fn select_rows(&self, rows: &Tensor, kind_if_fp8: Kind) -> Weight {
+    /// The same weight on `device`.
+    pub fn to_device(&self, device: Device) -> Weight {
+        self.map(|t| t.to_device(device))
+    }
+
+    /// Another handle to the same storage.
+    pub fn shallow_clone(&self) -> Weight {
+        self.map(Tensor::shallow_clone)
+    }
+
+    fn map(&self, f: impl Fn(&Tensor) -> Tensor) -> Weight {
         match self {
-            Weight::Dense(t) => Weight::Dense(t.index_select(0, rows)),
-            Weight::Fp8 { .. } => Weight::Dense(self.to_dense(kind_if_fp8).index_select(0, rows)),
+            Weight::Dense(t) => Weight::Dense(f(t)),
+            Weight::Fp8 { q, scale, block } => Weight::Fp8 { q: f(q), scale: f(scale), block: *block },
         }
     }
 }

@@ -91,12 +91,7 @@ impl LoadCtx<'_> {
             WeightFormat::Bf16 => Weight::Dense(self.ck.load_shaped(name, shape, Kind::BFloat16)?),
             WeightFormat::F32 => Weight::Dense(self.ck.load_shaped(name, shape, Kind::Float)?),
         };
-        let w = match w {
-            Weight::Dense(t) => Weight::Dense(t.to_device(self.device)),
-            Weight::Fp8 { q, scale, block } => {
-                Weight::Fp8 { q: q.to_device(self.device), scale: scale.to_device(self.device), block }
-            }
-        };
+        let w = w.to_device(self.device);
         let label = match &w {
             Weight::Fp8 { .. } => "fp8",
             Weight::Dense(t) if t.kind() == Kind::BFloat16 => "bf16",

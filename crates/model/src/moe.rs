@@ -113,13 +113,7 @@ impl ExpertShard {
             }
             ExpertWeights::Each(v) => {
                 let [g, u, d] = &v[e as usize];
-                let sh = |w: &Weight| match w {
-                    Weight::Dense(t) => Weight::Dense(t.shallow_clone()),
-                    Weight::Fp8 { q, scale, block } => {
-                        Weight::Fp8 { q: q.shallow_clone(), scale: scale.shallow_clone(), block: *block }
-                    }
-                };
-                (vec![sh(g), sh(u)], sh(d))
+                (vec![g.shallow_clone(), u.shallow_clone()], d.shallow_clone())
             }
         }
     }
@@ -248,13 +242,9 @@ impl Moe {
                     down: Tensor::stack(&dense(2), 0).to_device(device),
                 }
             } else {
-                let to = |w: Weight| match w {
-                    Weight::Dense(t) => Weight::Dense(t.to_device(device)),
-                    Weight::Fp8 { q, scale, block } => {
-                        Weight::Fp8 { q: q.to_device(device), scale: scale.to_device(device), block }
-                    }
-                };
-                ExpertWeights::Each(each.into_iter().map(|ws| ws.map(to)).collect())
+                ExpertWeights::Each(
+                    each.iter().map(|ws| ws.each_ref().map(|w| w.to_device(device))).collect(),
+                )
             };
             shards.push(ExpertShard { first: lo as i64, experts, inter: inter as i64, device });
         }
