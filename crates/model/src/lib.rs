@@ -26,6 +26,7 @@ pub mod norm;
 pub use mlaserve_kernels::pool;
 pub mod profile;
 pub mod rope;
+pub mod routing;
 pub mod sampling;
 pub mod speculative;
 pub mod weights;

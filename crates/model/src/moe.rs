@@ -12,74 +12,7 @@ use crate::linear::{forward_weight, Weight};
 use crate::loader::LoadCtx;
 use crate::mlp::Mlp;
 use crate::profile;
-
-pub struct Router {
-    weight: Tensor,
-    bias: Tensor,
-    n_experts: i64,
-    n_group: i64,
-    topk_group: i64,
-    top_k: i64,
-    norm_topk_prob: bool,
-    scaling: f64,
-}
-
-impl Router {
-    /// Expert indices `[N, k]` and their weights `[N, k]` (fp32) for tokens `x [N, H]`.
-    pub fn route(&self, x: &Tensor) -> (Tensor, Tensor) {
-        let n = x.size()[0];
-        let logits = x.to_kind(Kind::Float).mm(&self.weight.tr());
-        let scores = logits.sigmoid();
-        let mut choice = &scores + &self.bias;
-        if self.n_group > 1 {
-            let per = self.n_experts / self.n_group;
-            let group_scores = choice
-                .view([n, self.n_group, per])
-                .topk(2, -1, true, false)
-                .0
-                .sum_dim_intlist(-1, false, Kind::Float);
-            let (_, keep) = group_scores.topk(self.topk_group, -1, true, false);
-            let group_mask =
-                Tensor::zeros([n, self.n_group], (Kind::Bool, x.device())).scatter_value(1, &keep, 1);
-            let expert_mask = group_mask.unsqueeze(-1).expand([n, self.n_group, per], false).reshape([n, -1]);
-            choice = choice.masked_fill(&expert_mask.logical_not(), f64::NEG_INFINITY);
-        }
-        let (_, idx) = choice.topk(self.top_k, -1, true, false);
-        let mut w = scores.gather(1, &idx, false);
-        if self.norm_topk_prob {
-            w = &w / (w.sum_dim_intlist(-1, true, Kind::Float) + 1e-20);
-        }
-        (idx, w * self.scaling)
-    }
-}
-
-/// Assignments (token, expert) sorted by expert, shared by all shards of a layer.
-pub struct Dispatch {
-    token_of: Tensor,
-    weight: Tensor,
-    /// Start of each expert's run in the sorted order; `offsets[E]` = N * k.
-    offsets: Vec<i64>,
-}
-
-impl Dispatch {
-    pub fn new(idx: &Tensor, w: &Tensor, n_experts: i64) -> Self {
-        let k = idx.size()[1];
-        let flat = idx.view([-1]);
-        let order = flat.argsort_stable(true, 0, false);
-        let counts: Vec<i64> = Vec::try_from(flat.bincount::<Tensor>(None, n_experts).to_device(Device::Cpu))
-            .expect("bincount is int64");
-        let mut offsets = Vec::with_capacity(counts.len() + 1);
-        offsets.push(0);
-        for c in counts {
-            offsets.push(offsets.last().copied().unwrap_or(0) + c);
-        }
-        Dispatch {
-            token_of: order.floor_divide_scalar(k),
-            weight: w.view([-1]).index_select(0, &order),
-            offsets,
-        }
-    }
-}
+use crate::routing::{Dispatch, Router};
 
 pub struct ExpertShard {
     /// Global id of the first expert held.
@@ -269,8 +202,7 @@ impl Moe {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let d = {
             let _p = profile::section("moe.route");
-            let (idx, w) = self.router.route(x);
-            Dispatch::new(&idx, &w, self.router.n_experts)
+            self.router.dispatch(x)
         };
         let _p = profile::section("moe.experts");
         // Shards launch in turn; on CUDA devices their kernels run concurrently until the combine.
@@ -296,57 +228,6 @@ impl Moe {
 mod tests {
     use super::*;
 
-    fn router(e: i64, hidden: i64, groups: i64, kg: i64, k: i64) -> Router {
-        Router {
-            weight: Tensor::randn([e, hidden], (Kind::Float, Device::Cpu)),
-            bias: Tensor::randn([e], (Kind::Float, Device::Cpu)) * 0.1,
-            n_experts: e,
-            n_group: groups,
-            topk_group: kg,
-            top_k: k,
-            norm_topk_prob: true,
-            scaling: 2.5,
-        }
-    }
-
-    /// The tensor router against a scalar re-implementation of the rule in the model notes.
-    #[test]
-    fn routing_matches_scalar_rule() {
-        let r = router(16, 16, 4, 2, 3);
-        let x = Tensor::randn([20, 16], (Kind::Float, Device::Cpu));
-        let (idx, w) = r.route(&x);
-        let logits: Vec<Vec<f32>> = Vec::try_from(x.mm(&r.weight.tr())).unwrap();
-        let bias: Vec<f32> = Vec::try_from(&r.bias).unwrap();
-        let idx: Vec<Vec<i64>> = Vec::try_from(idx).unwrap();
-        let w: Vec<Vec<f32>> = Vec::try_from(w).unwrap();
-        for t in 0..20 {
-            let s: Vec<f32> = logits[t].iter().map(|z| 1.0 / (1.0 + (-z).exp())).collect();
-            let b: Vec<f32> = s.iter().zip(&bias).map(|(a, c)| a + c).collect();
-            let mut gs: Vec<(f32, usize)> = (0..4)
-                .map(|g| {
-                    let mut v: Vec<f32> = b[g * 4..g * 4 + 4].to_vec();
-                    v.sort_by(|a, b| b.partial_cmp(a).unwrap());
-                    (v[0] + v[1], g)
-                })
-                .collect();
-            gs.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap());
-            let kept: Vec<usize> = gs[..2].iter().map(|g| g.1).collect();
-            let mut cand: Vec<(f32, usize)> =
-                (0..16).filter(|e| kept.contains(&(e / 4))).map(|e| (b[e], e)).collect();
-            cand.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap());
-            let mut want: Vec<usize> = cand[..3].iter().map(|c| c.1).collect();
-            want.sort();
-            let mut got: Vec<usize> = idx[t].iter().map(|&i| i as usize).collect();
-            got.sort();
-            assert_eq!(got, want, "token {t}");
-            let total: f32 = want.iter().map(|&e| s[e]).sum();
-            for (j, &e) in idx[t].iter().enumerate() {
-                let expect = s[e as usize] / total * 2.5;
-                assert!((w[t][j] - expect).abs() < 1e-5, "token {t}: {} vs {expect}", w[t][j]);
-            }
-        }
-    }
-
     /// Batched dispatch over any number of shards equals a per-token loop over the chosen experts.
     #[test]
     fn batched_experts_equal_token_loop() {
@@ -355,7 +236,7 @@ mod tests {
         let gate_up = Tensor::randn([e, 2 * i, h], opts);
         let down = Tensor::randn([e, h, i], opts);
         let x = Tensor::randn([n, h], opts);
-        let r = router(e, h, 1, 1, 3);
+        let r = Router::random(e, h, 1, 1, 3);
         let (idx, w) = r.route(&x);
         let d = Dispatch::new(&idx, &w, e);
         let idxv: Vec<Vec<i64>> = Vec::try_from(&idx).unwrap();

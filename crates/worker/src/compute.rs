@@ -5,7 +5,7 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use mlaserve_core::SamplingParams;
-use mlaserve_model::{LatentCache, Model, Sampler, SeqStep};
+use mlaserve_model::{profile, LatentCache, Model, Sampler, SeqStep};
 use mlaserve_proto::internal::v1::{HiddenStates, Step};
 use tokio::sync::oneshot;
 
@@ -112,6 +112,7 @@ impl StageEngine {
     /// Runs a step; a libtorch panic becomes an INTERNAL error for this step only.
     pub fn run_step_guarded(&mut self, step: &Step) -> Result<StepDone, StageError> {
         let started = Instant::now();
+        let _p = profile::section("worker.step");
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_step(step)));
         let output = match r {
             Ok(r) => r?,
@@ -268,6 +269,7 @@ impl StageEngine {
         if !self.model.is_last() {
             return Ok(StepOutput::Hidden(hidden::encode(&x)));
         }
+        let _p = profile::section("worker.head");
         let out =
             head::run(&self.model, &mut self.cache, &mut self.registry, &self.sampler, step, &plan, &x)?;
         Ok(StepOutput::Tokens(out))

@@ -9,7 +9,7 @@
 
 use mlaserve_model::sampling::{logprob_info, SampleRow};
 use mlaserve_model::speculative::{self, Draft};
-use mlaserve_model::{LatentCache, Model, Sampler, SeqStep, StepPlan};
+use mlaserve_model::{profile, LatentCache, Model, Sampler, SeqStep, StepPlan};
 use mlaserve_proto::internal::v1::{DraftToken, SampledToken, Step, TopToken};
 use tch::Tensor;
 
@@ -67,6 +67,7 @@ pub fn run(
             rows.push(plan.last_rows[i]);
         }
     }
+    let p_logits = profile::section("head.logits");
     let logits = if rows.is_empty() {
         None
     } else {
@@ -77,6 +78,8 @@ pub fn run(
         Some(model.logits(&h)?.to_device(tch::Device::Cpu))
     };
 
+    drop(p_logits);
+    let p_verify = profile::section("head.verify");
     // Plain samples in one batch; verifications one by one.
     let mut emitted: Vec<Vec<u32>> = vec![vec![]; step.seqs.len()];
     let mut tokens = Vec::new();
@@ -119,7 +122,9 @@ pub fn run(
             r += 1;
         }
     }
+    drop(p_verify);
     if !plain.is_empty() {
+        let _p = profile::section("head.sample");
         let logits = logits.as_ref().expect("rows exist");
         let idx: Vec<i64> = plain.iter().map(|p| p.1).collect();
         let sel = logits.index_select(0, &Tensor::from_slice(&idx));
@@ -214,6 +219,7 @@ fn draft_next(
     if steps.is_empty() {
         return Ok(vec![]);
     }
+    let _p = profile::section("head.mtp");
     let plan = model.plan(steps, cache)?;
     let hm = model.mtp_hidden(&Tensor::cat(&hidden, 0), &next, &plan, cache)?;
     if drafting.is_empty() {

@@ -110,6 +110,9 @@ pub fn run(a: Args, g: &Global) -> anyhow::Result<()> {
         serve_metrics(&metrics_listen, &telemetry).await?;
         let listener = bind(opts.listen, "worker").await?;
         mlaserve_worker::serve(opts, listener, Some(&telemetry), shutdown_signal()).await?;
+        if let Some(p) = mlaserve_model::profile::report() {
+            eprintln!("MLASERVE_PROFILE worker layers {}..{}:\n{p}", layers.start, layers.end);
+        }
         telemetry.shutdown();
         Ok(())
     })
