@@ -14,6 +14,7 @@
 //! `target_feature` dispatch here, which is a dozen lines. `benches` in the model crate compares
 //! these kernels with libtorch on the same shapes.
 
+pub mod attention;
 pub mod fp8;
 pub mod isa;
 pub mod pool;

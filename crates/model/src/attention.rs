@@ -126,6 +126,9 @@ impl Mla {
         let core = profile::section("attn.core");
         let out = match &plan.batched {
             Some(g) if g.q_rows.is_none() => self.attend_batched(g, &q_nope, &q_pe, cache).to_kind(x.kind()),
+            None if !plan.paged.is_empty() && plan.paged_rows.is_none() => {
+                self.attend_paged(plan, &q_nope, &q_pe, cache).to_kind(x.kind())
+            }
             _ => {
                 let mut out = x.new_zeros([t, self.h, self.dv], (x.kind(), x.device()));
                 if let Some(g) = &plan.batched {
@@ -140,6 +143,15 @@ impl Mla {
                         .index_select(0, g.out_slots.as_ref().expect("non-identity group"))
                         .to_kind(x.kind());
                     let _ = out.index_copy_(0, g.out_rows.as_ref().expect("non-identity group"), &o);
+                }
+                if let Some(rows) = &plan.paged_rows {
+                    let o = self.attend_paged(
+                        plan,
+                        &q_nope.index_select(0, rows),
+                        &q_pe.index_select(0, rows),
+                        cache,
+                    );
+                    let _ = out.index_copy_(0, rows, &o.to_kind(x.kind()));
                 }
                 for s in &plan.solo {
                     let o = self.attend_solo(
@@ -218,6 +230,20 @@ impl Mla {
         drop(p1);
         let _p1 = profile::section("core.absorb_out");
         self.absorb_output(&round_to(o_lat, act).view([g.b * g.s_max, self.h, self.rkv]))
+    }
+
+    /// Short chunks through the paged CPU kernel (each sequence over its own slots): `[n, h, dv]`
+    /// for the paged rows `q_nope [n, h, dn]`, `q_pe [n, h, dr]`.
+    fn attend_paged(&self, plan: &StepPlan, q_nope: &Tensor, q_pe: &Tensor, cache: &Tensor) -> Tensor {
+        let act = q_nope.kind();
+        let p1 = profile::section("core.absorb_q");
+        let qc = self.absorb_query(q_nope, q_pe).to_kind(Kind::Float).contiguous();
+        drop(p1);
+        let p1 = profile::section("core.paged");
+        let o_lat = kernels::latent_attention(&qc, cache, &plan.paged, self.rkv, self.scale);
+        drop(p1);
+        let _p1 = profile::section("core.absorb_out");
+        self.absorb_output(&round_to(o_lat, act))
     }
 
     /// One long chunk: `[new, h, dv]`, queries tiled so scores stay bounded in memory.

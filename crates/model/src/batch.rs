@@ -45,6 +45,27 @@ pub(crate) struct BatchedGroup {
     pub allowed: Tensor,
 }
 
+/// A short chunk attending over its own cache slots through the paged CPU kernel
+/// (`mlaserve_kernels::attention`): no padding to the batch's longest context.
+pub(crate) struct PagedSeq {
+    /// Its first row among the paged rows (see `StepPlan::paged_rows`).
+    pub row: usize,
+    pub new: usize,
+    pub cached: usize,
+    /// Cache slot of each of its positions.
+    pub slots: Vec<i64>,
+}
+
+/// Whether short chunks attend through the paged CPU kernel: on the CPU for f32 and bf16
+/// activations, unless `MLASERVE_DECODE_ATTENTION=padded` asks for the padded tensor form (kept for
+/// other devices, float64 tests and comparisons).
+pub(crate) fn paged_decode(kind: Kind, device: Device) -> bool {
+    static PADDED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let padded =
+        *PADDED.get_or_init(|| std::env::var("MLASERVE_DECODE_ATTENTION").is_ok_and(|v| v == "padded"));
+    device == Device::Cpu && matches!(kind, Kind::Float | Kind::BFloat16) && !padded
+}
+
 /// A sequence whose chunk is long enough to attend on its own.
 pub(crate) struct SoloSeq {
     pub row_start: i64,
@@ -60,6 +81,10 @@ pub struct StepPlan {
     pub(crate) cos: Tensor,
     pub(crate) sin: Tensor,
     pub(crate) batched: Option<BatchedGroup>,
+    /// Short chunks for the paged kernel (instead of `batched`), and the rows of the step they
+    /// occupy in order (None: all rows 0..T).
+    pub(crate) paged: Vec<PagedSeq>,
+    pub(crate) paged_rows: Option<Tensor>,
     pub(crate) solo: Vec<SoloSeq>,
     /// Row of the last new token of each sequence.
     pub last_rows: Vec<i64>,
@@ -138,7 +163,22 @@ impl StepPlan {
             }
             row += s.new as i64;
         }
-        let batched = if group.is_empty() {
+        let paged_form = paged_decode(kind, device);
+        let mut paged = Vec::new();
+        let mut paged_rows = Vec::new();
+        if paged_form {
+            for (&i, &row0) in group.iter().zip(&group_rows) {
+                let s = &seqs[i];
+                paged.push(PagedSeq {
+                    row: paged_rows.len(),
+                    new: s.new,
+                    cached: s.cached,
+                    slots: (0..s.context()).map(|p| slot_of(&s.block_table, block_size, p) as i64).collect(),
+                });
+                paged_rows.extend(row0..row0 + s.new as i64);
+            }
+        }
+        let batched = if group.is_empty() || paged_form {
             None
         } else {
             let b = group.len();
@@ -190,6 +230,9 @@ impl StepPlan {
             cos,
             sin,
             batched,
+            paged_rows: (!paged.is_empty() && !solo.is_empty())
+                .then(|| Tensor::from_slice(&paged_rows).to_device(device)),
+            paged,
             solo,
             last_rows,
         })

@@ -110,6 +110,36 @@ pub fn grouped_linear(pairs: &[(&Tensor, &Weight)]) -> Vec<Tensor> {
         .collect()
 }
 
+/// Paged latent attention (`mlaserve_kernels::attention`) of absorbed queries `qc [n, h, w]` (f32)
+/// over `cache [slots, w]` (f32 or bf16) for `seqs`: `o_lat [n, h, value_width]` in f32.
+pub(crate) fn latent_attention(
+    qc: &Tensor,
+    cache: &Tensor,
+    seqs: &[crate::batch::PagedSeq],
+    value_width: i64,
+    scale: f64,
+) -> Tensor {
+    use mlaserve_kernels::attention::{CacheRows, LatentAttention, SeqKeys};
+    let (n, h, w) = (qc.size()[0], qc.size()[1], qc.size()[2]);
+    assert_eq!(cache.size()[1], w, "cache rows and queries differ in width");
+    let rows = match cache.kind() {
+        Kind::BFloat16 => CacheRows::Bf16(elems(cache, Kind::BFloat16)),
+        _ => CacheRows::F32(elems(cache, Kind::Float)),
+    };
+    let keys: Vec<SeqKeys> =
+        seqs.iter().map(|s| SeqKeys { row: s.row, new: s.new, cached: s.cached, slots: &s.slots }).collect();
+    let o = mlaserve_kernels::attention::latent_attention(&LatentAttention {
+        q: elems(qc, Kind::Float),
+        cache: rows,
+        heads: h as usize,
+        width: w as usize,
+        value_width: value_width as usize,
+        scale: scale as f32,
+        seqs: &keys,
+    });
+    Tensor::from_slice(&o).view([n, h, value_width])
+}
+
 /// Threads libtorch may use for its own ops next to the kernels' pool: one on the CPU (see the
 /// module notes).
 pub const LIBTORCH_CPU_THREADS: i32 = 1;

@@ -1,0 +1,396 @@
+//! Decode attention over the paged latent cache in absorbed form (deepseek-v3.md §3): for each
+//! query row and head, scores against the sequence's own cached latents, softmax, and the
+//! probability-weighted sum of the latents (`o_lat`). The projections into and out of latent
+//! space (W_UK, W_UV) stay with the caller.
+//!
+//! Each sequence reads exactly its own slots through its block table, so a batch with one long
+//! sequence costs what its tokens cost (no `[B, T_max]` padded gather). Work is split flash-decoding
+//! style into (sequence, block of keys) tasks: each reads its cache rows once for all heads and
+//! queries and keeps a running max, sum and partial `o_lat`; the partials are then merged per
+//! (row, head). Why hand-written: libtorch has no paged attention on the CPU, and the tensor form
+//! (gather, padded bmm, mask, softmax, bmm) is ~15 small ops per layer whose fixed cost exceeded the
+//! arithmetic at decode (measured in PERFORMANCE.md).
+
+use crate::{bf16_to_f32, pool, Isa};
+
+/// The latent cache, `[slots, width]` row-major.
+#[derive(Clone, Copy)]
+pub enum CacheRows<'a> {
+    F32(&'a [f32]),
+    /// bf16 bit patterns.
+    Bf16(&'a [u16]),
+}
+
+impl CacheRows<'_> {
+    fn len(&self) -> usize {
+        match self {
+            CacheRows::F32(c) => c.len(),
+            CacheRows::Bf16(c) => c.len(),
+        }
+    }
+}
+
+/// One sequence of the batch.
+pub struct SeqKeys<'a> {
+    /// First of its query rows; rows `row..row + new` belong to it.
+    pub row: usize,
+    /// Its new tokens (query rows): query `j` sees keys `0..=cached + j`.
+    pub new: usize,
+    pub cached: usize,
+    /// Cache slot of each of its positions, at least `cached + new` of them.
+    pub slots: &'a [i64],
+}
+
+/// The problem: `q [rows, heads, width]` absorbed queries (latent part then rotary part, f32) and
+/// the cache rows of the same `width`; values are the first `value_width` columns of each row.
+pub struct LatentAttention<'a> {
+    pub q: &'a [f32],
+    pub cache: CacheRows<'a>,
+    pub heads: usize,
+    pub width: usize,
+    pub value_width: usize,
+    pub scale: f32,
+    pub seqs: &'a [SeqKeys<'a>],
+}
+
+/// Keys per task: a block's cache rows (≤ 288 KiB in bf16 at DeepSeek-V3's width of 576) stay in L2
+/// while every head and query reads them.
+const KEYS_PER_TASK: usize = 256;
+
+/// A task's running softmax state for one (query, head): max, sum of exp, and Σ exp · value.
+struct Partial {
+    max: f32,
+    sum: f32,
+}
+
+#[inline(always)]
+fn row_f32(cache: &CacheRows, slot: usize, width: usize, out: &mut [f32]) {
+    match cache {
+        CacheRows::F32(c) => out.copy_from_slice(&c[slot * width..(slot + 1) * width]),
+        CacheRows::Bf16(c) => {
+            for (o, &b) in out.iter_mut().zip(&c[slot * width..(slot + 1) * width]) {
+                *o = bf16_to_f32(b);
+            }
+        }
+    }
+}
+
+/// Σ a·b with 16 independent lanes (vectorised by the compiler under the caller's target features).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    for v in acc {
+        s += v;
+    }
+    s
+}
+
+#[inline(always)]
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
+/// One task: sequence `s`, keys `k0..k1`. Writes, for each (query, head) that sees any of these
+/// keys, its partial state and un-normalised `o_lat` into the task's slices.
+#[inline(always)]
+fn block(p: &LatentAttention, s: &SeqKeys, k0: usize, k1: usize, states: &mut [Partial], o: &mut [f32]) {
+    let (h, w, vw) = (p.heads, p.width, p.value_width);
+    let mut row = vec![0f32; w];
+    let nkeys = k1 - k0;
+    // Scores of this block, [new, heads, keys]; masked keys are -inf.
+    let mut scores = vec![f32::NEG_INFINITY; s.new * h * nkeys];
+    for t in k0..k1 {
+        row_f32(&p.cache, s.slots[t] as usize, w, &mut row);
+        for j in 0..s.new {
+            if t > s.cached + j {
+                continue;
+            }
+            let q = &p.q[(s.row + j) * h * w..(s.row + j + 1) * h * w];
+            for hd in 0..h {
+                scores[(j * h + hd) * nkeys + (t - k0)] = dot(&q[hd * w..(hd + 1) * w], &row) * p.scale;
+            }
+        }
+    }
+    for (jh, st) in states.iter_mut().enumerate() {
+        let sc = &mut scores[jh * nkeys..(jh + 1) * nkeys];
+        let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        st.max = max;
+        st.sum = 0.0;
+        if max == f32::NEG_INFINITY {
+            continue; // no key of this block is visible to this query
+        }
+        for v in sc.iter_mut() {
+            *v = (*v - max).exp();
+            st.sum += *v;
+        }
+    }
+    o.fill(0.0);
+    for t in k0..k1 {
+        row_f32(&p.cache, s.slots[t] as usize, w, &mut row);
+        for jh in 0..s.new * h {
+            let e = scores[jh * nkeys + (t - k0)];
+            if e > 0.0 {
+                axpy(&mut o[jh * vw..(jh + 1) * vw], e, &row[..vw]);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+unsafe fn block_avx512(
+    p: &LatentAttention,
+    s: &SeqKeys,
+    k0: usize,
+    k1: usize,
+    st: &mut [Partial],
+    o: &mut [f32],
+) {
+    block(p, s, k0, k1, st, o)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn block_avx2(
+    p: &LatentAttention,
+    s: &SeqKeys,
+    k0: usize,
+    k1: usize,
+    st: &mut [Partial],
+    o: &mut [f32],
+) {
+    block(p, s, k0, k1, st, o)
+}
+
+struct SendPtr<T>(*mut T);
+// SAFETY: each task writes a disjoint range behind the pointer (see `run` below).
+unsafe impl<T> Sync for SendPtr<T> {}
+unsafe impl<T> Send for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// A method, so that closures capture the wrapper (Sync), not its raw field.
+    fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
+/// `o_lat [rows, heads, value_width]` (f32) on the process's kernel path.
+pub fn latent_attention(p: &LatentAttention) -> Vec<f32> {
+    latent_attention_with(crate::isa::selected(), p)
+}
+
+/// [`latent_attention`] on a given path.
+///
+/// # Panics
+/// When `isa` is not supported by this CPU, or a slice is smaller than the shapes say (a slot
+/// outside the cache included).
+pub fn latent_attention_with(isa: Isa, p: &LatentAttention) -> Vec<f32> {
+    assert!(isa.supported(), "kernel path {isa} is not supported by this CPU");
+    let (h, w, vw) = (p.heads, p.width, p.value_width);
+    assert!(vw <= w && w > 0, "value width {vw} exceeds row width {w}");
+    let rows = p.seqs.iter().map(|s| s.row + s.new).max().unwrap_or(0);
+    assert!(p.q.len() >= rows * h * w, "queries too small");
+    let slots = p.cache.len() / w;
+    for s in p.seqs {
+        assert!(s.slots.len() >= s.cached + s.new, "sequence at row {}: too few slots", s.row);
+        assert!(
+            s.slots[..s.cached + s.new].iter().all(|&x| x >= 0 && (x as usize) < slots),
+            "sequence at row {}: slot outside the cache",
+            s.row
+        );
+    }
+    // Tasks: (sequence, first key, last key), each with its own partial buffers.
+    let mut tasks = Vec::new();
+    for (i, s) in p.seqs.iter().enumerate() {
+        let ctx = s.cached + s.new;
+        for k0 in (0..ctx).step_by(KEYS_PER_TASK) {
+            tasks.push((i, k0, (k0 + KEYS_PER_TASK).min(ctx)));
+        }
+    }
+    let mut offsets = Vec::with_capacity(tasks.len() + 1);
+    offsets.push(0usize);
+    for &(i, _, _) in &tasks {
+        offsets.push(offsets.last().copied().unwrap_or(0) + p.seqs[i].new * h);
+    }
+    let n_partials = offsets.last().copied().unwrap_or(0);
+    let mut states: Vec<Partial> = (0..n_partials).map(|_| Partial { max: 0.0, sum: 0.0 }).collect();
+    let mut partial_o = vec![0f32; n_partials * vw];
+    let (sp, op) = (SendPtr(states.as_mut_ptr()), SendPtr(partial_o.as_mut_ptr()));
+    let run = |t: usize| {
+        let (i, k0, k1) = tasks[t];
+        let (a, b) = (offsets[t], offsets[t + 1]);
+        // SAFETY: task t alone writes partials a..b; the buffers outlive the parallel region.
+        let (st, o) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(sp.get().add(a), b - a),
+                std::slice::from_raw_parts_mut(op.get().add(a * vw), (b - a) * vw),
+            )
+        };
+        let s = &p.seqs[i];
+        // SAFETY: `isa` is supported (checked above); slices were bounds-checked.
+        unsafe {
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512Bf16 | Isa::Avx512 => block_avx512(p, s, k0, k1, st, o),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => block_avx2(p, s, k0, k1, st, o),
+                _ => block(p, s, k0, k1, st, o),
+            }
+        }
+    };
+    pool::global().for_each(tasks.len(), &run);
+
+    // Merge each (row, head)'s partials over its sequence's key blocks.
+    let mut out = vec![0f32; rows * h * vw];
+    let mut t = 0;
+    for (i, s) in p.seqs.iter().enumerate() {
+        let first = t;
+        while t < tasks.len() && tasks[t].0 == i {
+            t += 1;
+        }
+        for jh in 0..s.new * h {
+            let parts = (first..t).map(|k| offsets[k] + jh);
+            let max = parts.clone().map(|i| states[i].max).fold(f32::NEG_INFINITY, f32::max);
+            let dst = &mut out[(s.row * h + jh) * vw..(s.row * h + jh + 1) * vw];
+            let mut sum = 0f32;
+            for i in parts {
+                if states[i].max == f32::NEG_INFINITY {
+                    continue;
+                }
+                let f = (states[i].max - max).exp();
+                sum += states[i].sum * f;
+                axpy(dst, f, &partial_o[i * vw..(i + 1) * vw]);
+            }
+            let inv = 1.0 / sum;
+            dst.iter_mut().for_each(|v| *v *= inv);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// The definition in float64: softmax over each query's visible keys, then the weighted sum.
+    fn reference(p: &LatentAttention, cache: &[f64]) -> Vec<f64> {
+        let (h, w, vw) = (p.heads, p.width, p.value_width);
+        let rows = p.seqs.iter().map(|s| s.row + s.new).max().unwrap_or(0);
+        let mut out = vec![0f64; rows * h * vw];
+        for s in p.seqs {
+            for j in 0..s.new {
+                for hd in 0..h {
+                    let q = &p.q[((s.row + j) * h + hd) * w..((s.row + j) * h + hd + 1) * w];
+                    let keys: Vec<usize> = (0..=s.cached + j).map(|t| s.slots[t] as usize).collect();
+                    let sc: Vec<f64> = keys
+                        .iter()
+                        .map(|&k| {
+                            q.iter().zip(&cache[k * w..(k + 1) * w]).map(|(&a, &b)| a as f64 * b).sum::<f64>()
+                                * p.scale as f64
+                        })
+                        .collect();
+                    let m = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = sc.iter().map(|v| (v - m).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    let o = &mut out[((s.row + j) * h + hd) * vw..((s.row + j) * h + hd + 1) * vw];
+                    for (&k, &ek) in keys.iter().zip(&e) {
+                        for c in 0..vw {
+                            o[c] += ek / z * cache[k * w + c];
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Every path this CPU has, f32 and bf16 caches, sequences of 1..8 new tokens over contexts up
+    /// to a few key blocks, slots scattered over the cache: within 1e-5 of float64.
+    #[test]
+    fn matches_float64_on_every_path() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        for isa in crate::isa::ALL {
+            if !isa.supported() {
+                println!("skipping kernel path {isa}: not supported by this CPU");
+                continue;
+            }
+            for (h, w, vw, shape) in [
+                (2usize, 80usize, 64usize, vec![(0usize, 1usize), (5, 1), (600, 2)]),
+                (3, 19, 16, vec![(0, 8), (255, 1), (256, 3), (40, 1)]),
+            ] {
+                let nslots = 1400;
+                let cache32: Vec<f32> = (0..nslots * w).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                let bf16: Vec<u16> = cache32.iter().map(|&v| crate::bf16_bits(v)).collect();
+                let mut seqs_slots = Vec::new();
+                for &(cached, new) in &shape {
+                    // A random permutation prefix: each sequence's own scattered slots.
+                    let mut all: Vec<i64> = (0..nslots as i64).collect();
+                    for i in 0..cached + new {
+                        let j = rng.random_range(i..nslots);
+                        all.swap(i, j);
+                    }
+                    seqs_slots.push(all[..cached + new].to_vec());
+                }
+                let mut row = 0;
+                let seqs: Vec<SeqKeys> = shape
+                    .iter()
+                    .zip(&seqs_slots)
+                    .map(|(&(cached, new), slots)| {
+                        row += new;
+                        SeqKeys { row: row - new, new, cached, slots }
+                    })
+                    .collect();
+                let q: Vec<f32> = (0..row * h * w).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+                for cache in [CacheRows::F32(&cache32), CacheRows::Bf16(&bf16)] {
+                    let p = LatentAttention {
+                        q: &q,
+                        cache,
+                        heads: h,
+                        width: w,
+                        value_width: vw,
+                        scale: 0.3,
+                        seqs: &seqs,
+                    };
+                    let c64: Vec<f64> = match cache {
+                        CacheRows::F32(c) => c.iter().map(|&v| v as f64).collect(),
+                        CacheRows::Bf16(c) => c.iter().map(|&b| bf16_to_f32(b) as f64).collect(),
+                    };
+                    let want = reference(&p, &c64);
+                    let got = latent_attention_with(isa, &p);
+                    let err = got.iter().zip(&want).map(|(&a, &b)| (a as f64 - b).abs()).fold(0.0, f64::max);
+                    assert!(err < 1e-5, "{isa} h={h} w={w}: max error {err}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "slot outside the cache")]
+    fn refuses_a_slot_outside_the_cache() {
+        let cache = vec![0f32; 4 * 8];
+        let q = vec![0f32; 8];
+        let seqs = [SeqKeys { row: 0, new: 1, cached: 1, slots: &[0, 4] }];
+        let p = LatentAttention {
+            q: &q,
+            cache: CacheRows::F32(&cache),
+            heads: 1,
+            width: 8,
+            value_width: 8,
+            scale: 1.0,
+            seqs: &seqs,
+        };
+        latent_attention(&p);
+    }
+}
