@@ -106,14 +106,40 @@ def text_bench(addr, prompts, concurrency, requests, new_tokens, temperature):
             "speculative_accepted": after.speculative_accepted - before.speculative_accepted}
 
 
-def served(binary, model, extra, dtype, runs):
-    """One server per mode; `runs` is a list of callables taking its address."""
-    s = Serve(binary, model, 1, dtype, extra=extra)
+def interleaved(binary, model, modes, dtype, runs, rounds):
+    """One server per mode, all up at once; each case runs on every mode in turn (A B C A B C ...), `rounds`
+    times, so that a change in the machine's load falls on all modes alike. Returns results[mode][case] =
+    the list of per-round results."""
+    servers = []
     try:
-        s.wait_ready()
-        return [r(s.addr) for r in runs]
+        for extra in modes:
+            servers.append(Serve(binary, model, 1, dtype, extra=extra))
+            servers[-1].wait_ready()
+        out = [[[] for _ in runs] for _ in modes]
+        for _ in range(rounds):
+            for c, r in enumerate(runs):
+                for m, s in enumerate(servers):
+                    out[m][c].append(r(s.addr))
+        return out
     finally:
-        s.stop()
+        for s in servers:
+            s.stop()
+
+
+def median(v):
+    v = sorted(v)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
+def summary(base, spec):
+    """Median tokens/s of each mode, the per-round speedups, and the acceptance over all rounds."""
+    tb = [b["output_tokens_per_sec"] for b in base]
+    ts = [s["output_tokens_per_sec"] for s in spec]
+    ratios = [s / b for s, b in zip(ts, tb)]
+    drafts = sum(s["speculative_drafts"] for s in spec)
+    return dict(base_tok_s=median(tb), spec_tok_s=median(ts), speedup=median(ratios), speedup_min=min(ratios),
+                speedup_max=max(ratios), acceptance=sum(s["speculative_accepted"] for s in spec) / max(drafts, 1),
+                drafts=drafts)
 
 
 def cpu_name():
@@ -132,6 +158,7 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--requests-per-stream", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per case; medians are reported")
     ap.add_argument("--json-out")
     a = ap.parse_args()
     cache = Path(os.environ.get("MLASERVE_CACHE", Path.home() / ".cache" / "mlaserve"))
@@ -151,33 +178,29 @@ def main():
             cases.append((label, 0.0, c, lambda addr, c=c, n=n: bench(a.bin, addr, c, n, a.prompt_len,
                                                                        a.new_tokens)))
         runs = [r for *_, r in cases]
-        base = served(a.bin, model, [], a.dtype, runs)
-        spec = served(a.bin, model, ["--speculative", "mtp"], a.dtype, runs)
+        modes = [[], ["--speculative", "mtp"]]
         # The router stops drafting for sequences below --speculative-min-acceptance; with the floor at
         # 0 every draft is verified, which is the MTP head's own acceptance rate.
-        ungated = served(a.bin, model, ["--speculative", "mtp", "--speculative-min-acceptance", "0"], a.dtype,
-                         runs) if name == "demo" else [None] * len(cases)
-        for (label, temp, c, _), b, s, u in zip(cases, base, spec, ungated):
-            row = dict(model=label, temperature=temp, concurrency=c, base_tok_s=b["output_tokens_per_sec"],
-                       spec_tok_s=s["output_tokens_per_sec"],
-                       speedup=s["output_tokens_per_sec"] / b["output_tokens_per_sec"],
-                       acceptance=s["speculative_accepted"] / max(s["speculative_drafts"], 1),
-                       drafts=s["speculative_drafts"])
-            if u:
-                row.update(ungated_tok_s=u["output_tokens_per_sec"],
-                           ungated_speedup=u["output_tokens_per_sec"] / b["output_tokens_per_sec"],
-                           ungated_acceptance=u["speculative_accepted"] / max(u["speculative_drafts"], 1),
-                           ungated_drafts=u["speculative_drafts"])
+        if name == "demo":
+            modes.append(["--speculative", "mtp", "--speculative-min-acceptance", "0"])
+        res = interleaved(a.bin, model, modes, a.dtype, runs, a.rounds)
+        for i, (label, temp, c, _) in enumerate(cases):
+            row = dict(model=label, temperature=temp, concurrency=c, rounds=a.rounds, **summary(res[0][i], res[1][i]))
+            if len(modes) > 2:
+                u = summary(res[0][i], res[2][i])
+                row.update(ungated_tok_s=u["spec_tok_s"], ungated_speedup=u["speedup"],
+                           ungated_acceptance=u["acceptance"], ungated_drafts=u["drafts"])
             rows.append(row)
     host = {"cpu": cpu_name(), "cpus": os.cpu_count(), "loadavg_before": load0, "loadavg_after": os.getloadavg()}
     print(f"\n{a.dtype}, {a.prompt_len}-token prompts, {a.new_tokens} new tokens, {a.requests_per_stream} "
-          f"requests per stream; {host['cpu']} x{host['cpus']}, load average {load0[0]:.2f} before, "
+          f"requests per stream, medians of {a.rounds} alternating rounds; {host['cpu']} x{host['cpus']}, load average {load0[0]:.2f} before, "
           f"{host['loadavg_after'][0]:.2f} after")
-    print(f"{'model':<24} {'streams':>7} {'plain tok/s':>12} {'MTP tok/s':>10} {'speedup':>8} {'accepted':>9} "
-          f"{'drafts':>7}")
+    print(f"{'model':<24} {'streams':>7} {'plain tok/s':>12} {'MTP tok/s':>10} {'speedup':>8} {'(min-max)':>11} "
+          f"{'accepted':>9} {'drafts':>7}")
     for r in rows:
         print(f"{r['model']:<24} {r['concurrency']:>7} {r['base_tok_s']:>12.1f} {r['spec_tok_s']:>10.1f} "
-              f"{r['speedup']:>8.2f} {r['acceptance']:>9.1%} {r['drafts']:>7}")
+              f"{r['speedup']:>8.2f} {r['speedup_min']:>5.2f}-{r['speedup_max']:<5.2f} {r['acceptance']:>9.1%} "
+              f"{r['drafts']:>7}")
     gated = [r for r in rows if "ungated_tok_s" in r]
     if gated:
         print("\nwith --speculative-min-acceptance 0 (every draft verified):")

@@ -122,7 +122,7 @@ def render_chat(template, user, assistant):
                                             add_generation_prompt=False)
 
 
-def documents(template):
+def documents(template, project):
     """(train, held-out) lists of (kind, text); text of chat documents is fully rendered."""
     import pydoc_data.topics as pt
 
@@ -130,6 +130,7 @@ def documents(template):
     raw += [("doc", q, d) for q, d in docstrings()]
     corpus = (ROOT / "crates" / "mlaserve" / "assets" / "demo-corpus.txt").read_text()
     raw += [("corpus", "", l.strip()) for l in corpus.splitlines() if l.strip()]
+    raw += [("project", "", p) for p in project.split("\n\n") if p.strip()]
     train, held = [], []
     for i, (kind, name, text) in enumerate(raw):
         if kind != "corpus" and i % 20 == 7:
@@ -146,20 +147,58 @@ def documents(template):
 
 
 HELDOUT_SOURCES = ("README.md", "docs/ARCHITECTURE.md", "docs/deploy.md")
+# The project's own prose that may be trained on: the shared model and landscape notes, the
+# performance notes, and the Rust doc comments. Never the held-out files above.
+PROJECT_SOURCES = ("../shared/docs/deepseek-v3.md", "../shared/docs/serving-landscape.md", "docs/PERFORMANCE.md")
+
+
+def prose_paragraphs(text):
+    """Prose paragraphs and list items of a Markdown text (no code blocks, tables or headings)."""
+    paras = []
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    text = re.sub(r"\n(?=\s*(?:[-*]|\d+\.) )", "\n\n", text)  # list items become paragraphs
+    for p in re.split(r"\n\s*\n", text):
+        p = re.sub(r"^\s*(?:[-*]|\d+\.) ", "", p.strip())
+        if len(p) < 80 or p[0] in "#|<" or "\n|" in p or p.startswith("    "):
+            continue
+        paras.append(" ".join(p.split()))
+    return paras
 
 
 def heldout_prose():
-    """Prose paragraphs and list items (no code blocks, tables or headings) of the project's docs."""
-    paras = []
-    for f in HELDOUT_SOURCES:
-        text = re.sub(r"```.*?```", "", (ROOT / f).read_text(), flags=re.S)
-        text = re.sub(r"\n(?=\s*(?:[-*]|\d+\.) )", "\n\n", text)  # list items become paragraphs
-        for p in re.split(r"\n\s*\n", text):
-            p = re.sub(r"^\s*(?:[-*]|\d+\.) ", "", p.strip())
-            if len(p) < 80 or p[0] in "#|<" or "\n|" in p or p.startswith("    "):
+    """Prose of the held-out project docs."""
+    return "\n\n".join(p for f in HELDOUT_SOURCES for p in prose_paragraphs((ROOT / f).read_text())) + "\n"
+
+
+def doc_comments():
+    """The Rust doc comments (`//!`, `///`) of the crates, one paragraph per blank comment line."""
+    out = []
+    for f in sorted((ROOT / "crates").rglob("*.rs")):
+        block = []
+        for line in f.read_text().splitlines() + [""]:
+            m = re.match(r"\s*//[/!] ?(.*)$", line)
+            if m and m.group(1).strip():
+                block.append(m.group(1).strip())
                 continue
-            paras.append(" ".join(p.split()))
-    return "\n\n".join(paras) + "\n"
+            if block:
+                p = " ".join(block)
+                if len(p) >= 80 and not p.startswith(("```", "#")):
+                    out.append(p)
+            block = []
+    return out
+
+
+def shingles(text, n=8):
+    w = re.findall(r"\w+", text.lower())
+    return {" ".join(w[i:i + n]) for i in range(len(w) - n + 1)}
+
+
+def project_prose(held):
+    """The trainable project prose, without any paragraph that shares eight consecutive words with the
+    held-out text (the docs repeat themselves; such a paragraph would leak it)."""
+    paras = [p for f in PROJECT_SOURCES for p in prose_paragraphs((ROOT / f).read_text())] + doc_comments()
+    seen = shingles(held)
+    return "\n\n".join(p for p in paras if not shingles(p) & seen) + "\n"
 
 
 def train_tokenizer(texts, vocab):
@@ -311,6 +350,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--heldout", default=str(ROOT / "tools" / "demo_heldout.txt"),
                     help="text from outside the training set (created from the project's docs if missing)")
+    ap.add_argument("--project", default=str(ROOT / "tools" / "demo_project_corpus.txt"),
+                    help="the project's prose trained on (created from the project's docs if missing)")
     ap.add_argument("--eval-every", type=int, default=200)
     a = ap.parse_args()
     t0 = time.time()
@@ -321,12 +362,16 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
 
     template = chat_template()
-    train_docs, held_docs = documents(template)
-    # A snapshot, so that later edits of the docs do not change the recorded held-out loss.
-    held_file = Path(a.heldout)
+    # Snapshots, so that later edits of the docs change neither the training text nor the held-out loss.
+    held_file, project_file = Path(a.heldout), Path(a.project)
     if not held_file.exists():
         held_file.write_text(heldout_prose())
     prose = held_file.read_text()
+    if not project_file.exists():
+        project_file.write_text(project_prose(prose))
+    train_docs, held_docs = documents(template, project_file.read_text())
+    leaked = shingles(prose) & shingles("\n".join(t for _, t in train_docs))
+    print(f"held-out prose: {len(leaked)} of its 8-word sequences also occur in the training text", flush=True)
     tok = train_tokenizer([t for _, t in train_docs], a.vocab)
     V = tok.get_vocab_size(with_added_tokens=True)
     stream = [i for k, t in train_docs for i in encode(tok, k, t)]
@@ -423,7 +468,8 @@ def main():
         "heldout_window": a.seq, "heldout_tokens": sum(len(w) - 1 for w in held_out),
         "heldout_ce": ce, "heldout_ce_over_ln_vocab": ce / math.log(V),
         "heldout_nats_per_byte": ce * sum(len(w) - 1 for w in held_out) / len(prose.encode()),
-        "in_domain_heldout_ce": ce_in,
+        "in_domain_heldout_ce": ce_in, "in_domain_heldout_ce_over_ln_vocab": ce_in / math.log(V),
+        "heldout_shared_8grams_with_training": len(leaked),
     }
     (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(json.dumps(meta, indent=2))
