@@ -11,7 +11,7 @@
 //! (gather, padded bmm, mask, softmax, bmm) is ~15 small ops per layer whose fixed cost exceeded the
 //! arithmetic at decode (measured in PERFORMANCE.md).
 
-use crate::{bf16_to_f32, pool, Isa};
+use crate::{bf16_bits, bf16_to_f32, pool, Isa, Weights};
 
 /// The latent cache, `[slots, width]` row-major.
 #[derive(Clone, Copy)]
@@ -278,6 +278,191 @@ pub fn latent_attention_with(isa: Isa, p: &LatentAttention) -> Vec<f32> {
     out
 }
 
+/// The whole absorbed decode core of a layer in three parallel regions: queries folded through
+/// W_UK into latent space, [`latent_attention`], and `o_lat` mapped through W_UV. Replaces per-head
+/// products and their tensor glue (transposes, copies, stacks: ~20 small ops a layer).
+pub struct MlaDecode<'a> {
+    /// `[rows, heads, dn]` and `[rows, heads, dr]` (rotated), f32.
+    pub q_nope: &'a [f32],
+    pub q_pe: &'a [f32],
+    /// `W_UK` per head transposed, `[heads, rkv, dn]`; `W_UV`, `[heads, dv, rkv]` (f32 or bf16).
+    pub w_uk_t: Weights<'a>,
+    pub w_uv: Weights<'a>,
+    pub cache: CacheRows<'a>,
+    pub heads: usize,
+    pub dn: usize,
+    pub dr: usize,
+    pub dv: usize,
+    pub rkv: usize,
+    pub scale: f32,
+    pub seqs: &'a [SeqKeys<'a>],
+    /// Round the absorbed query and `o_lat` to bf16, as bf16 activations would hold them.
+    pub round_bf16: bool,
+}
+
+/// Output rows per task of the absorption products.
+const ABSORB_ROWS: usize = 64;
+
+/// `out[r * os + i] = Σ_k w[w_off + i * k + k'] · x[r * xs + k']` for `nrows` weight rows and `m`
+/// input rows (strided: the heads of one row sit side by side).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rows_times(
+    w: &Weights,
+    w_off: usize,
+    nrows: usize,
+    k: usize,
+    x: &[f32],
+    xs: usize,
+    m: usize,
+    out: *mut f32,
+    os: usize,
+) {
+    let mut wrow = vec![0f32; k];
+    for i in 0..nrows {
+        match w {
+            Weights::F32(w) => wrow.copy_from_slice(&w[w_off + i * k..w_off + (i + 1) * k]),
+            Weights::Bf16(w) => {
+                for (o, &b) in wrow.iter_mut().zip(&w[w_off + i * k..w_off + (i + 1) * k]) {
+                    *o = bf16_to_f32(b);
+                }
+            }
+            Weights::Fp8(_) => unreachable!("absorption weights are held dense"),
+        }
+        for r in 0..m {
+            // SAFETY (caller): element (r, i) of this task's output block is written by this task only.
+            unsafe { *out.add(r * os + i) = dot(&wrow, &x[r * xs..r * xs + k]) };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_times_avx512(
+    w: &Weights,
+    o: usize,
+    n: usize,
+    k: usize,
+    x: &[f32],
+    xs: usize,
+    m: usize,
+    out: *mut f32,
+    os: usize,
+) {
+    rows_times(w, o, n, k, x, xs, m, out, os)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_times_avx2(
+    w: &Weights,
+    o: usize,
+    n: usize,
+    k: usize,
+    x: &[f32],
+    xs: usize,
+    m: usize,
+    out: *mut f32,
+    os: usize,
+) {
+    rows_times(w, o, n, k, x, xs, m, out, os)
+}
+
+/// Per head `h`: `out[r, h, i] = Σ_k w[h, i, k] · x[r, h, k]` for `x [m, heads, k]`, `w [heads, n, k]`,
+/// `out [m, heads, out_width]` (the first `n` of each row written), tasks of [`ABSORB_ROWS`] rows.
+#[allow(clippy::too_many_arguments)]
+fn per_head(
+    isa: Isa,
+    w: &Weights,
+    heads: usize,
+    n: usize,
+    k: usize,
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+    out_width: usize,
+) {
+    let len = match w {
+        Weights::F32(w) => w.len(),
+        Weights::Bf16(w) => w.len(),
+        Weights::Fp8(_) => panic!("absorption weights are held dense"),
+    };
+    assert!(
+        len >= heads * n * k
+            && x.len() >= m * heads * k
+            && out.len() >= m * heads * out_width
+            && n <= out_width
+    );
+    let chunks = n.div_ceil(ABSORB_ROWS);
+    let op = SendPtr(out.as_mut_ptr());
+    let run = |t: usize| {
+        let (h, c) = (t / chunks, t % chunks);
+        let (i0, i1) = (c * ABSORB_ROWS, ((c + 1) * ABSORB_ROWS).min(n));
+        let (xo, xs, os) = (h * k, heads * k, heads * out_width);
+        let out = unsafe { op.get().add(h * out_width + i0) };
+        let wo = (h * n + i0) * k;
+        // SAFETY: task (h, c) alone writes columns i0..i1 of head h; sizes checked above; `isa` is
+        // supported (checked by the caller).
+        unsafe {
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512Bf16 | Isa::Avx512 => {
+                    rows_times_avx512(w, wo, i1 - i0, k, &x[xo..], xs, m, out, os)
+                }
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => rows_times_avx2(w, wo, i1 - i0, k, &x[xo..], xs, m, out, os),
+                _ => rows_times(w, wo, i1 - i0, k, &x[xo..], xs, m, out, os),
+            }
+        }
+    };
+    pool::global().for_each(heads * chunks, &run);
+}
+
+fn round_all(v: &mut [f32]) {
+    for x in v {
+        *x = bf16_to_f32(bf16_bits(*x));
+    }
+}
+
+/// `[rows, heads, dv]` (f32) on the process's kernel path.
+pub fn mla_decode(p: &MlaDecode) -> Vec<f32> {
+    mla_decode_with(crate::isa::selected(), p)
+}
+
+/// [`mla_decode`] on a given path.
+pub fn mla_decode_with(isa: Isa, p: &MlaDecode) -> Vec<f32> {
+    assert!(isa.supported(), "kernel path {isa} is not supported by this CPU");
+    let (h, w) = (p.heads, p.rkv + p.dr);
+    let m = p.seqs.iter().map(|s| s.row + s.new).max().unwrap_or(0);
+    assert!(p.q_pe.len() >= m * h * p.dr, "rotary queries too small");
+    let mut qc = vec![0f32; m * h * w];
+    per_head(isa, &p.w_uk_t, h, p.rkv, p.dn, p.q_nope, m, &mut qc, w);
+    for (row, pe) in qc.chunks_exact_mut(w).zip(p.q_pe.chunks_exact(p.dr)) {
+        if p.round_bf16 {
+            round_all(&mut row[..p.rkv]);
+        }
+        row[p.rkv..].copy_from_slice(pe);
+    }
+    let a = LatentAttention {
+        q: &qc,
+        cache: p.cache,
+        heads: h,
+        width: w,
+        value_width: p.rkv,
+        scale: p.scale,
+        seqs: p.seqs,
+    };
+    let mut o_lat = latent_attention_with(isa, &a);
+    if p.round_bf16 {
+        round_all(&mut o_lat);
+    }
+    let mut out = vec![0f32; m * h * p.dv];
+    per_head(isa, &p.w_uv, h, p.dv, p.rkv, &o_lat, m, &mut out, p.dv);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -392,5 +577,93 @@ mod tests {
             seqs: &seqs,
         };
         latent_attention(&p);
+    }
+
+    /// The absorbed core against float64: W_UK, attention and W_UV (f32 and bf16 weights).
+    #[test]
+    fn mla_decode_matches_float64() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let (h, dn, dr, dv, rkv) = (3usize, 20usize, 6usize, 12usize, 70usize);
+        let w = rkv + dr;
+        let nslots = 300;
+        let cache: Vec<f32> = (0..nslots * w).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let slots: Vec<i64> = (0..nslots as i64).rev().collect();
+        let seqs = [
+            SeqKeys { row: 0, new: 2, cached: 5, slots: &slots },
+            SeqKeys { row: 2, new: 1, cached: 280, slots: &slots[7..] },
+        ];
+        let m = 3;
+        let mut r = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
+        let (q_nope, q_pe, uk, uv) = (r(m * h * dn), r(m * h * dr), r(h * rkv * dn), r(h * dv * rkv));
+        let (uk16, uv16): (Vec<u16>, Vec<u16>) =
+            (uk.iter().map(|&v| bf16_bits(v)).collect(), uv.iter().map(|&v| bf16_bits(v)).collect());
+        for isa in crate::isa::ALL.into_iter().filter(|i| i.supported()) {
+            for bf16 in [false, true] {
+                let (wk, wv) = if bf16 {
+                    (Weights::Bf16(&uk16), Weights::Bf16(&uv16))
+                } else {
+                    (Weights::F32(&uk), Weights::F32(&uv))
+                };
+                let val = |w: &Weights, i: usize| match w {
+                    Weights::F32(v) => v[i] as f64,
+                    Weights::Bf16(v) => bf16_to_f32(v[i]) as f64,
+                    Weights::Fp8(_) => unreachable!(),
+                };
+                // Reference: absorb in float64, attention through the float64 reference, then W_UV.
+                let mut qc = vec![0f32; m * h * w];
+                for row in 0..m {
+                    for hd in 0..h {
+                        for i in 0..rkv {
+                            let s: f64 = (0..dn)
+                                .map(|d| {
+                                    val(&wk, (hd * rkv + i) * dn + d) * q_nope[(row * h + hd) * dn + d] as f64
+                                })
+                                .sum();
+                            qc[(row * h + hd) * w + i] = s as f32;
+                        }
+                        qc[(row * h + hd) * w + rkv..(row * h + hd + 1) * w]
+                            .copy_from_slice(&q_pe[(row * h + hd) * dr..(row * h + hd + 1) * dr]);
+                    }
+                }
+                let a = LatentAttention {
+                    q: &qc,
+                    cache: CacheRows::F32(&cache),
+                    heads: h,
+                    width: w,
+                    value_width: rkv,
+                    scale: 0.2,
+                    seqs: &seqs,
+                };
+                let c64: Vec<f64> = cache.iter().map(|&v| v as f64).collect();
+                let o_lat = reference(&a, &c64);
+                let p = MlaDecode {
+                    q_nope: &q_nope,
+                    q_pe: &q_pe,
+                    w_uk_t: wk,
+                    w_uv: wv,
+                    cache: CacheRows::F32(&cache),
+                    heads: h,
+                    dn,
+                    dr,
+                    dv,
+                    rkv,
+                    scale: 0.2,
+                    seqs: &seqs,
+                    round_bf16: false,
+                };
+                let got = mla_decode_with(isa, &p);
+                for row in 0..m {
+                    for hd in 0..h {
+                        for v in 0..dv {
+                            let want: f64 = (0..rkv)
+                                .map(|i| val(&wv, (hd * dv + v) * rkv + i) * o_lat[(row * h + hd) * rkv + i])
+                                .sum();
+                            let g = got[(row * h + hd) * dv + v] as f64;
+                            assert!((g - want).abs() < 2e-5, "{isa} bf16={bf16}: {g} vs {want}");
+                        }
+                    }
+                }
+            }
+        }
     }
 }

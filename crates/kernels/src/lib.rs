@@ -18,6 +18,7 @@ pub mod attention;
 pub mod fp8;
 pub mod isa;
 pub mod pool;
+pub mod rows;
 
 mod avx2;
 mod avx512;

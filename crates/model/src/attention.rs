@@ -113,12 +113,11 @@ impl Mla {
         }
         .view([t, self.h, self.dn + self.dr]);
         let q_nope = q.narrow(2, 0, self.dn);
-        let q_pe =
-            rope::apply(&q.narrow(2, self.dn, self.dr), &plan.cos.unsqueeze(1), &plan.sin.unsqueeze(1));
+        let q_pe = rope::apply_rows(&q.narrow(2, self.dn, self.dr), &plan.cos, &plan.sin);
 
         let kv = self.kv_a.forward(x);
         let latent = self.kv_norm.forward(&kv.narrow(1, 0, self.rkv));
-        let k_pe = rope::apply(&kv.narrow(1, self.rkv, self.dr), &plan.cos, &plan.sin);
+        let k_pe = rope::apply_rows(&kv.narrow(1, self.rkv, self.dr), &plan.cos, &plan.sin);
         let _ =
             cache.index_copy_(0, &plan.write_slots, &Tensor::cat(&[latent, k_pe], 1).to_kind(cache.kind()));
 
@@ -235,15 +234,8 @@ impl Mla {
     /// Short chunks through the paged CPU kernel (each sequence over its own slots): `[n, h, dv]`
     /// for the paged rows `q_nope [n, h, dn]`, `q_pe [n, h, dr]`.
     fn attend_paged(&self, plan: &StepPlan, q_nope: &Tensor, q_pe: &Tensor, cache: &Tensor) -> Tensor {
-        let act = q_nope.kind();
-        let p1 = profile::section("core.absorb_q");
-        let qc = self.absorb_query(q_nope, q_pe).to_kind(Kind::Float).contiguous();
-        drop(p1);
-        let p1 = profile::section("core.paged");
-        let o_lat = kernels::latent_attention(&qc, cache, &plan.paged, self.rkv, self.scale);
-        drop(p1);
-        let _p1 = profile::section("core.absorb_out");
-        self.absorb_output(&round_to(o_lat, act))
+        let _p = profile::section("core.paged");
+        kernels::mla_decode(q_nope, q_pe, cache, (&self.w_uk_t, &self.w_uv), &plan.paged, self.scale)
     }
 
     /// One long chunk: `[new, h, dv]`, queries tiled so scores stay bounded in memory.

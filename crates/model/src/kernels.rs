@@ -110,34 +110,124 @@ pub fn grouped_linear(pairs: &[(&Tensor, &Weight)]) -> Vec<Tensor> {
         .collect()
 }
 
-/// Paged latent attention (`mlaserve_kernels::attention`) of absorbed queries `qc [n, h, w]` (f32)
-/// over `cache [slots, w]` (f32 or bf16) for `seqs`: `o_lat [n, h, value_width]` in f32.
-pub(crate) fn latent_attention(
-    qc: &Tensor,
+/// Whether the row kernels (`mlaserve_kernels::rows`) take these tensors: CPU, one float kind
+/// they read (f32 or bf16), shared by all.
+fn rows_kind(ts: &[&Tensor]) -> Option<Kind> {
+    let k = ts[0].kind();
+    (matches!(k, Kind::Float | Kind::BFloat16)
+        && ts.iter().all(|t| t.kind() == k && t.device() == Device::Cpu))
+    .then_some(k)
+}
+
+/// RMSNorm of the rows of `x [.., dim]` with weight `w [dim]` (see `rows::rms_norm`), or None when
+/// the tensors are not for the row kernels.
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Option<Tensor> {
+    let kind = rows_kind(&[x, w])?;
+    let (x, w) = (x.contiguous(), w.contiguous());
+    let out = x.empty_like();
+    // SAFETY: `out` is a fresh contiguous tensor of x's kind and size, viewed once.
+    macro_rules! go {
+        ($t:ty) => {{
+            let o = unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut $t, out.numel()) };
+            mlaserve_kernels::rows::rms_norm::<$t>(elems(&x, kind), elems(&w, kind), eps as f32, o)
+        }};
+    }
+    if kind == Kind::Float {
+        go!(f32)
+    } else {
+        go!(u16)
+    }
+    Some(out)
+}
+
+/// Rotary embedding of `x [T, dr]` or `x [T, h, dr]` (any strides with the last one 1, e.g. a
+/// narrowed projection) with `cos`/`sin [T, dr/2]`: a contiguous result, or None when the tensors
+/// are not for the row kernels.
+pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Option<Tensor> {
+    let kind = rows_kind(&[x, cos, sin])?;
+    let (size, stride) = (x.size(), x.stride());
+    if !(2..=3).contains(&size.len()) || stride[size.len() - 1] != 1 || size[0] == 0 {
+        return None;
+    }
+    let (rows, heads, dr) = if size.len() == 2 { (size[0], 1, size[1]) } else { (size[0], size[1], size[2]) };
+    let (cos, sin) = (cos.contiguous(), sin.contiguous());
+    if cos.size() != [rows, dr / 2] || sin.size() != cos.size() || dr % 2 != 0 {
+        return None;
+    }
+    let head_stride = if size.len() == 3 { stride[1] } else { 0 };
+    let l = mlaserve_kernels::rows::RopeLayout {
+        rows: rows as usize,
+        heads: heads as usize,
+        half: (dr / 2) as usize,
+        offset: 0,
+        row_stride: stride[0] as usize,
+        head_stride: head_stride as usize,
+    };
+    let span = (rows - 1) * stride[0] + (heads - 1) * head_stride + dr;
+    let out = Tensor::empty(size.as_slice(), (kind, Device::Cpu));
+    macro_rules! go {
+        ($t:ty) => {{
+            // SAFETY: the view's elements lie within `span` values of its data pointer (strides
+            // checked above); `out` is fresh and contiguous, viewed once.
+            let xs = unsafe { std::slice::from_raw_parts(x.data_ptr() as *const $t, span as usize) };
+            let o = unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut $t, out.numel()) };
+            mlaserve_kernels::rows::rope::<$t>(xs, l, elems(&cos, kind), elems(&sin, kind), o)
+        }};
+    }
+    if kind == Kind::Float {
+        go!(f32)
+    } else {
+        go!(u16)
+    }
+    Some(out)
+}
+
+/// The absorbed decode core (`mlaserve_kernels::attention::mla_decode`) for `q_nope [n, h, dn]`,
+/// `q_pe [n, h, dr]` over `cache [slots, rkv + dr]` (f32 or bf16) for `seqs`, with the absorption
+/// matrices `w_uk_t [h, rkv, dn]`, `w_uv [h, dv, rkv]`: `[n, h, dv]` in f32. bf16 activations round
+/// the absorbed query and `o_lat` to bf16, as the tensor form does.
+pub(crate) fn mla_decode(
+    q_nope: &Tensor,
+    q_pe: &Tensor,
     cache: &Tensor,
+    (w_uk_t, w_uv): (&Tensor, &Tensor),
     seqs: &[crate::batch::PagedSeq],
-    value_width: i64,
     scale: f64,
 ) -> Tensor {
-    use mlaserve_kernels::attention::{CacheRows, LatentAttention, SeqKeys};
-    let (n, h, w) = (qc.size()[0], qc.size()[1], qc.size()[2]);
-    assert_eq!(cache.size()[1], w, "cache rows and queries differ in width");
+    use mlaserve_kernels::attention::{CacheRows, MlaDecode, SeqKeys};
+    let round_bf16 = q_nope.kind() == Kind::BFloat16;
+    let (qn, qp) = (q_nope.to_kind(Kind::Float).contiguous(), q_pe.to_kind(Kind::Float).contiguous());
+    let (n, h, dn) = (qn.size()[0], qn.size()[1], qn.size()[2]);
+    let (dr, rkv, dv) = (qp.size()[2], w_uk_t.size()[1], w_uv.size()[1]);
+    assert_eq!(cache.size()[1], rkv + dr, "cache rows and queries differ in width");
     let rows = match cache.kind() {
         Kind::BFloat16 => CacheRows::Bf16(elems(cache, Kind::BFloat16)),
         _ => CacheRows::F32(elems(cache, Kind::Float)),
     };
+    fn dense(t: &Tensor) -> Weights<'_> {
+        match t.kind() {
+            Kind::BFloat16 => Weights::Bf16(elems(t, Kind::BFloat16)),
+            _ => Weights::F32(elems(t, Kind::Float)),
+        }
+    }
     let keys: Vec<SeqKeys> =
         seqs.iter().map(|s| SeqKeys { row: s.row, new: s.new, cached: s.cached, slots: &s.slots }).collect();
-    let o = mlaserve_kernels::attention::latent_attention(&LatentAttention {
-        q: elems(qc, Kind::Float),
+    let o = mlaserve_kernels::attention::mla_decode(&MlaDecode {
+        q_nope: elems(&qn, Kind::Float),
+        q_pe: elems(&qp, Kind::Float),
+        w_uk_t: dense(w_uk_t),
+        w_uv: dense(w_uv),
         cache: rows,
         heads: h as usize,
-        width: w as usize,
-        value_width: value_width as usize,
+        dn: dn as usize,
+        dr: dr as usize,
+        dv: dv as usize,
+        rkv: rkv as usize,
         scale: scale as f32,
         seqs: &keys,
+        round_bf16,
     });
-    Tensor::from_slice(&o).view([n, h, value_width])
+    Tensor::from_slice(&o).view([n, h, dv])
 }
 
 /// Threads libtorch may use for its own ops next to the kernels' pool: one on the CPU (see the

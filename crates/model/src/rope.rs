@@ -31,6 +31,19 @@ impl Rope {
     }
 }
 
+/// [`apply`] for `x [T, dr]` or `[T, h, dr]` with `cos`/`sin [T, dr/2]`: on the CPU one row kernel
+/// call (`kernels::rope`), elsewhere the tensor form.
+pub fn apply_rows(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    if let Some(y) = crate::kernels::rope(x, cos, sin) {
+        return y;
+    }
+    if x.dim() == 3 {
+        apply(x, &cos.unsqueeze(1), &sin.unsqueeze(1))
+    } else {
+        apply(x, cos, sin)
+    }
+}
+
 /// Rotates `x [..., dr]` laid out as [first halves of the pairs; second halves]; `cos`/`sin` must
 /// broadcast against `x[..., :dr/2]`.
 pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {

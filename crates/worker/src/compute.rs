@@ -52,6 +52,8 @@ impl Compute {
                     match job {
                         Job::Step(step, reply) => {
                             let r = engine.run_step_guarded(&step);
+                            // The next step comes after a round trip through the router.
+                            mlaserve_model::kernels::pool::global().rest();
                             let _ = reply.send(r);
                         }
                         Job::Reset(reply) => {
