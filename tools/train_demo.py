@@ -8,11 +8,14 @@ routers' correction biases are balanced the auxiliary-loss-free way: after each 
 bias += gamma * sign(mean_load - load), per layer (deepseek-v3.md §9.1).
 
 Data (every machine has it): `pydoc_data.topics`, the docstrings of every importable standard-library
-module, crates/mlaserve/assets/demo-corpus.txt; some documents are also rendered as chats with the
-DeepSeek-V3 template so that the model learns the chat format and EOS. Held out: every 20th document
-(in-domain split) and, as text from outside the training set, prose of the project's README.md,
-docs/ARCHITECTURE.md and docs/deploy.md (snapshot: tools/demo_heldout.txt), copied out as heldout.txt.
-The text depends on the Python version (docstrings); training.json records it and the text's sha256.
+module, crates/mlaserve/assets/demo-corpus.txt, and the project's own prose that is not held out (the
+shared DeepSeek-V3 and serving-landscape notes, docs/PERFORMANCE.md, the crates' doc comments; snapshot:
+tools/demo_project_corpus.txt, without any paragraph that shares eight consecutive words with the
+held-out text); some documents are also rendered as chats with the DeepSeek-V3 template so that the
+model learns the chat format and EOS. Held out: every 20th document (in-domain split) and, as text from
+outside the training set, prose of the project's README.md, docs/ARCHITECTURE.md and docs/deploy.md
+(snapshot: tools/demo_heldout.txt), copied out as heldout.txt. The text depends on the Python version
+(docstrings); training.json records it and the text's sha256.
 
   nice -n 10 python tools/train_demo.py --out crates/mlaserve/assets/demo-model
 """

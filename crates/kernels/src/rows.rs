@@ -113,6 +113,47 @@ pub fn rope<T: Elem>(x: &[T], l: RopeLayout, cos: &[T], sin: &[T], out: &mut [T]
     }
 }
 
+/// Attention probabilities in place over `scores [rows, cols]` (f32): row `r` sees its first
+/// `visible(r)` columns (the rest become 0); `p = softmax(R(R(s) · scale))`, rounded by `R` again,
+/// where `R` rounds to bf16 when `bf16` (as the tensor form computing in bf16 would) and is the
+/// identity otherwise. One parallel pass instead of the tensor form's ~8 full passes (round,
+/// scale, round, mask, softmax, round, on a single libtorch thread).
+pub fn causal_softmax(
+    scores: &mut [f32],
+    cols: usize,
+    visible: &(dyn Fn(usize) -> usize + Sync),
+    scale: f32,
+    bf16: bool,
+) {
+    assert!(cols > 0 && scores.len().is_multiple_of(cols));
+    let rows = scores.len() / cols;
+    let r = |v: f32| if bf16 { u16::round(v) } else { v };
+    let sp = SendPtr(scores.as_mut_ptr());
+    let run = |t: usize| {
+        for row in t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(rows) {
+            // SAFETY: row `row` belongs to this task; `scores` holds rows × cols values.
+            let v = unsafe { std::slice::from_raw_parts_mut(sp.get().add(row * cols), cols) };
+            let vis = visible(row).min(cols);
+            let mut max = f32::NEG_INFINITY;
+            for x in &mut v[..vis] {
+                *x = r(r(*x) * scale);
+                max = max.max(*x);
+            }
+            let mut sum = 0f32;
+            for x in &mut v[..vis] {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            for x in &mut v[..vis] {
+                *x = r(*x * inv);
+            }
+            v[vis..].fill(0.0);
+        }
+    };
+    pool::global().for_each(rows.div_ceil(ROWS_PER_TASK), &run);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,6 +206,24 @@ mod tests {
                     assert_eq!(o[i], v[i] * c - v[2 + i] * s);
                     assert_eq!(o[2 + i], v[2 + i] * c + v[i] * s);
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn causal_softmax_masks_and_normalises() {
+        let cols = 5;
+        let mut s: Vec<f32> = (0..3 * cols).map(|i| (i as f32 * 0.7).cos() * 4.0).collect();
+        let orig = s.clone();
+        causal_softmax(&mut s, cols, &|r| r + 2, 0.5, false);
+        for r in 0..3 {
+            let vis = r + 2;
+            let e: Vec<f64> =
+                orig[r * cols..r * cols + vis].iter().map(|&x| (x as f64 * 0.5).exp()).collect();
+            let z: f64 = e.iter().sum();
+            for j in 0..cols {
+                let want = if j < vis { e[j] / z } else { 0.0 };
+                assert!((s[r * cols + j] as f64 - want).abs() < 1e-6, "row {r} col {j}");
             }
         }
     }

@@ -243,6 +243,7 @@ impl Mla {
         let n = s.new;
         let tc = s.cached + n;
         let act = q_nope.kind();
+        let _threads = kernels::LibtorchThreads::widen(cache.device() == Device::Cpu);
         let ctx = cache.index_select(0, &s.ctx_slots).to_kind(self.core_kind(act));
         let (h, rkv, dn, dr, dv) = (self.h, self.rkv, self.dn, self.dr, self.dv);
         // Multiply-adds of each form (see the model notes on the absorbed/expanded trade-off).
@@ -269,15 +270,23 @@ impl Mla {
             while q0 < n {
                 let len = tile.min(n - q0);
                 let scores = qc.narrow(0, q0, len).reshape([len * h, rkv + dr]).mm(&kt);
-                let scores = round_to(round_to(scores, act) * self.scale, act)
-                    .view([len, h, tc])
-                    .masked_fill(&mask_for(q0, len).unsqueeze(1), f64::NEG_INFINITY);
-                let p = round_to(scores.softmax(-1, Kind::Float), act).to_kind(qc.kind());
+                // Rows are (query, head): query i sees keys 0..=cached + q0 + i.
+                let (base, heads) = ((s.cached + q0) as usize, h as usize);
+                let visible = move |row: usize| base + row / heads + 1;
+                let p = self.probabilities(
+                    scores,
+                    &visible,
+                    act,
+                    || mask_for(q0, len).unsqueeze(1),
+                    [len, h, tc],
+                );
+                let p = p.to_kind(qc.kind());
                 let o_lat = round_to(p.view([len * h, tc]).mm(&c), act).view([len, h, rkv]);
                 outs.push(self.absorb_output(&o_lat));
                 q0 += len;
             }
         } else {
+            let p1 = profile::section("solo.expand");
             let c = ctx.narrow(1, 0, rkv);
             let core = ctx.kind();
             let w_uk_t = self.w_uk_t.to_kind(core);
@@ -288,17 +297,64 @@ impl Mla {
             let k_pe = ctx.narrow(1, rkv, dr).unsqueeze(1).expand([tc, h, dr], false);
             let k = Tensor::cat(&[k_nope, k_pe], 2).permute([1, 2, 0]); // [h, dn+dr, tc]
             let q = Tensor::cat(&[q_nope.to_kind(core), q_pe.to_kind(core)], 2).transpose(0, 1); // [h, n, dn+dr]
+            drop(p1);
             let mut q0 = 0;
             while q0 < n {
                 let len = tile.min(n - q0);
-                let scores = round_to(round_to(q.narrow(1, q0, len).bmm(&k), act) * self.scale, act)
-                    .masked_fill(&mask_for(q0, len).unsqueeze(0), f64::NEG_INFINITY);
-                let p = round_to(scores.softmax(-1, Kind::Float), act).to_kind(q.kind());
+                let p1 = profile::section("solo.scores");
+                let scores = q.narrow(1, q0, len).bmm(&k);
+                drop(p1);
+                let p1 = profile::section("solo.softmax");
+                // Rows are (head, query).
+                let (base, per_head) = ((s.cached + q0) as usize, len as usize);
+                let visible = move |row: usize| base + row % per_head + 1;
+                let p = self.probabilities(
+                    scores,
+                    &visible,
+                    act,
+                    || mask_for(q0, len).unsqueeze(0),
+                    [h, len, tc],
+                );
+                let p = p.to_kind(q.kind());
+                drop(p1);
+                let _p1 = profile::section("solo.pv");
                 outs.push(round_to(p.bmm(&v), act).transpose(0, 1));
                 q0 += len;
             }
         }
         Tensor::cat(&outs, 0).to_kind(q_nope.kind())
+    }
+}
+
+impl Mla {
+    /// Softmax probabilities from raw scores (f32 rows over all `tc` keys; `visible(row)` keys
+    /// allowed), scaled and rounded as computing in `act` would: one row kernel pass on the CPU,
+    /// else the tensor form with `mask()` (true = hidden) broadcast against `shape`.
+    fn probabilities(
+        &self,
+        scores: Tensor,
+        visible: &(dyn Fn(usize) -> usize + Sync),
+        act: Kind,
+        mask: impl FnOnce() -> Tensor,
+        shape: [i64; 3],
+    ) -> Tensor {
+        if scores.device() == Device::Cpu && scores.kind() == Kind::Float && act != Kind::Double {
+            let s = scores.contiguous();
+            // SAFETY: a contiguous f32 CPU tensor, viewed once while `s` lives.
+            let v = unsafe { std::slice::from_raw_parts_mut(s.data_ptr() as *mut f32, s.numel()) };
+            mlaserve_kernels::rows::causal_softmax(
+                v,
+                shape[2] as usize,
+                visible,
+                self.scale as f32,
+                act == Kind::BFloat16,
+            );
+            return s.view(shape);
+        }
+        let scores = round_to(round_to(scores, act) * self.scale, act)
+            .view(shape)
+            .masked_fill(&mask(), f64::NEG_INFINITY);
+        round_to(scores.softmax(-1, Kind::Float), act)
     }
 }
 

@@ -234,6 +234,30 @@ pub(crate) fn mla_decode(
 /// module notes).
 pub const LIBTORCH_CPU_THREADS: i32 = 1;
 
+/// While alive, libtorch may use as many threads as the kernels' pool: for sections made of a few
+/// large libtorch ops (a long prefill chunk's attention, ~10-100 ms per op), where its per-op
+/// thread wake-up is noise and one thread would leave the other cores idle.
+pub(crate) struct LibtorchThreads(bool);
+
+impl LibtorchThreads {
+    pub(crate) fn widen(on_cpu: bool) -> LibtorchThreads {
+        let n = pool::global().threads() as i32;
+        let widen = on_cpu && n > LIBTORCH_CPU_THREADS && tch::get_num_threads() == LIBTORCH_CPU_THREADS;
+        if widen {
+            tch::set_num_threads(n);
+        }
+        LibtorchThreads(widen)
+    }
+}
+
+impl Drop for LibtorchThreads {
+    fn drop(&mut self) {
+        if self.0 {
+            tch::set_num_threads(LIBTORCH_CPU_THREADS);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
