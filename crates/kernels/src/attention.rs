@@ -63,61 +63,299 @@ struct Partial {
     sum: f32,
 }
 
-#[inline(always)]
-fn row_f32(cache: &CacheRows, slot: usize, width: usize, out: &mut [f32]) {
-    match cache {
-        CacheRows::F32(c) => out.copy_from_slice(&c[slot * width..(slot + 1) * width]),
-        CacheRows::Bf16(c) => {
-            for (o, &b) in out.iter_mut().zip(&c[slot * width..(slot + 1) * width]) {
-                *o = bf16_to_f32(b);
+/// The two inner loops, per instruction set: Σ a·b, and y += a·x.
+trait Simd {
+    /// # Safety
+    /// The CPU has the instruction set (callers are `target_feature` functions of it).
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32;
+    /// # Safety
+    /// As for `dot`.
+    unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]);
+    /// `dot` with `b` in bf16 bits, widened in registers.
+    ///
+    /// # Safety
+    /// As for `dot`.
+    unsafe fn dot_bf16(a: &[f32], b: &[u16]) -> f32;
+    /// `axpy` with `x` in bf16 bits, widened in registers.
+    ///
+    /// # Safety
+    /// As for `dot`.
+    unsafe fn axpy_bf16(y: &mut [f32], a: f32, x: &[u16]);
+}
+
+struct Scalar;
+
+impl Simd for Scalar {
+    #[inline(always)]
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        // 16 independent lanes: the compiler vectorises them where the baseline allows.
+        let mut acc = [0f32; 16];
+        let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+        let mut s: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+        for (x, y) in ca.zip(cb) {
+            for i in 0..16 {
+                acc[i] += x[i] * y[i];
             }
         }
+        for v in acc {
+            s += v;
+        }
+        s
     }
-}
-
-/// Σ a·b with 16 independent lanes (vectorised by the compiler under the caller's target features).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
+    #[inline(always)]
+    unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+        for (y, x) in y.iter_mut().zip(x) {
+            *y += a * x;
         }
     }
-    let mut s: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
-    for v in acc {
-        s += v;
+    #[inline(always)]
+    unsafe fn dot_bf16(a: &[f32], b: &[u16]) -> f32 {
+        let mut acc = [0f32; 16];
+        let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+        let mut s: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, &y)| x * bf16_to_f32(y)).sum();
+        for (x, y) in ca.zip(cb) {
+            for i in 0..16 {
+                acc[i] += x[i] * bf16_to_f32(y[i]);
+            }
+        }
+        for v in acc {
+            s += v;
+        }
+        s
     }
-    s
+    #[inline(always)]
+    unsafe fn axpy_bf16(y: &mut [f32], a: f32, x: &[u16]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y += a * bf16_to_f32(x);
+        }
+    }
 }
 
-#[inline(always)]
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x;
+#[cfg(target_arch = "x86_64")]
+struct Avx512;
+
+#[cfg(target_arch = "x86_64")]
+impl Simd for Avx512 {
+    #[inline(always)]
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        use std::arch::x86_64::*;
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        // Two accumulators: the FMA latency is hidden behind the other chain.
+        let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut i = 0;
+        while i + 32 <= n {
+            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
+            s1 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 16)), _mm512_loadu_ps(pb.add(i + 16)), s1);
+            i += 32;
+        }
+        if i + 16 <= n {
+            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
+            i += 16;
+        }
+        let mut s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+        while i < n {
+            s += *pa.add(i) * *pb.add(i);
+            i += 1;
+        }
+        s
+    }
+    #[inline(always)]
+    unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+        use std::arch::x86_64::*;
+        let n = y.len().min(x.len());
+        let (py, px, va) = (y.as_mut_ptr(), x.as_ptr(), _mm512_set1_ps(a));
+        let mut i = 0;
+        while i + 16 <= n {
+            _mm512_storeu_ps(
+                py.add(i),
+                _mm512_fmadd_ps(va, _mm512_loadu_ps(px.add(i)), _mm512_loadu_ps(py.add(i))),
+            );
+            i += 16;
+        }
+        while i < n {
+            *py.add(i) += a * *px.add(i);
+            i += 1;
+        }
+    }
+    #[inline(always)]
+    unsafe fn dot_bf16(a: &[f32], b: &[u16]) -> f32 {
+        use std::arch::x86_64::*;
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let wide = |p: *const u16| {
+            _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i)),
+                16,
+            ))
+        };
+        let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut i = 0;
+        while i + 32 <= n {
+            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), wide(pb.add(i)), s0);
+            s1 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 16)), wide(pb.add(i + 16)), s1);
+            i += 32;
+        }
+        if i + 16 <= n {
+            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), wide(pb.add(i)), s0);
+            i += 16;
+        }
+        let mut s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+        while i < n {
+            s += *pa.add(i) * bf16_to_f32(*pb.add(i));
+            i += 1;
+        }
+        s
+    }
+    #[inline(always)]
+    unsafe fn axpy_bf16(y: &mut [f32], a: f32, x: &[u16]) {
+        use std::arch::x86_64::*;
+        let n = y.len().min(x.len());
+        let (py, px, va) = (y.as_mut_ptr(), x.as_ptr(), _mm512_set1_ps(a));
+        let mut i = 0;
+        while i + 16 <= n {
+            let xv = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256(px.add(i) as *const __m256i)),
+                16,
+            ));
+            _mm512_storeu_ps(py.add(i), _mm512_fmadd_ps(va, xv, _mm512_loadu_ps(py.add(i))));
+            i += 16;
+        }
+        while i < n {
+            *py.add(i) += a * bf16_to_f32(*px.add(i));
+            i += 1;
+        }
     }
 }
 
-/// One task: sequence `s`, keys `k0..k1`. Writes, for each (query, head) that sees any of these
-/// keys, its partial state and un-normalised `o_lat` into the task's slices.
+#[cfg(target_arch = "x86_64")]
+struct Avx2;
+
+#[cfg(target_arch = "x86_64")]
+impl Simd for Avx2 {
+    #[inline(always)]
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        use std::arch::x86_64::*;
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 16 <= n {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
+            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), s1);
+            i += 16;
+        }
+        if i + 8 <= n {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
+            i += 8;
+        }
+        let v = _mm256_add_ps(s0, s1);
+        let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
+        let mut s = _mm_cvtss_f32(q);
+        while i < n {
+            s += *pa.add(i) * *pb.add(i);
+            i += 1;
+        }
+        s
+    }
+    #[inline(always)]
+    unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+        use std::arch::x86_64::*;
+        let n = y.len().min(x.len());
+        let (py, px, va) = (y.as_mut_ptr(), x.as_ptr(), _mm256_set1_ps(a));
+        let mut i = 0;
+        while i + 8 <= n {
+            _mm256_storeu_ps(
+                py.add(i),
+                _mm256_fmadd_ps(va, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i))),
+            );
+            i += 8;
+        }
+        while i < n {
+            *py.add(i) += a * *px.add(i);
+            i += 1;
+        }
+    }
+    #[inline(always)]
+    unsafe fn dot_bf16(a: &[f32], b: &[u16]) -> f32 {
+        use std::arch::x86_64::*;
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let wide = |p: *const u16| {
+            _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
+                16,
+            ))
+        };
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 16 <= n {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), wide(pb.add(i)), s0);
+            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), wide(pb.add(i + 8)), s1);
+            i += 16;
+        }
+        if i + 8 <= n {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), wide(pb.add(i)), s0);
+            i += 8;
+        }
+        let v = _mm256_add_ps(s0, s1);
+        let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
+        let mut s = _mm_cvtss_f32(q);
+        while i < n {
+            s += *pa.add(i) * bf16_to_f32(*pb.add(i));
+            i += 1;
+        }
+        s
+    }
+    #[inline(always)]
+    unsafe fn axpy_bf16(y: &mut [f32], a: f32, x: &[u16]) {
+        use std::arch::x86_64::*;
+        let n = y.len().min(x.len());
+        let (py, px, va) = (y.as_mut_ptr(), x.as_ptr(), _mm256_set1_ps(a));
+        let mut i = 0;
+        while i + 8 <= n {
+            let xv = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(px.add(i) as *const __m128i)),
+                16,
+            ));
+            _mm256_storeu_ps(py.add(i), _mm256_fmadd_ps(va, xv, _mm256_loadu_ps(py.add(i))));
+            i += 8;
+        }
+        while i < n {
+            *py.add(i) += a * bf16_to_f32(*px.add(i));
+            i += 1;
+        }
+    }
+}
+
+/// One task: sequence `s`, keys `k0..k1`, heads `t.h0..t.h1`. Writes, for each (query, head) that
+/// sees any of these keys, its partial state and un-normalised `o_lat` into the task's slices.
 #[inline(always)]
-fn block(p: &LatentAttention, s: &SeqKeys, k0: usize, k1: usize, states: &mut [Partial], o: &mut [f32]) {
-    let (h, w, vw) = (p.heads, p.width, p.value_width);
-    let mut row = vec![0f32; w];
+unsafe fn block<S: Simd>(p: &LatentAttention, s: &SeqKeys, t: &Task, states: &mut [Partial], o: &mut [f32]) {
+    let (w, vw, heads) = (p.width, p.value_width, p.heads);
+    let (k0, k1, h0) = (t.k0, t.k1, t.h0);
+    let h = t.h1 - t.h0;
     let nkeys = k1 - k0;
-    // Scores of this block, [new, heads, keys]; masked keys are -inf.
+    // Cache rows are read as stored (bf16 widened in registers), never copied.
+    let dot = |q: &[f32], slot: usize| match p.cache {
+        CacheRows::F32(c) => S::dot(q, &c[slot * w..(slot + 1) * w]),
+        CacheRows::Bf16(c) => S::dot_bf16(q, &c[slot * w..(slot + 1) * w]),
+    };
+    // Scores of this block, [new, heads of the task, keys]; masked keys are -inf.
     let mut scores = vec![f32::NEG_INFINITY; s.new * h * nkeys];
     for t in k0..k1 {
-        row_f32(&p.cache, s.slots[t] as usize, w, &mut row);
+        let slot = s.slots[t] as usize;
         for j in 0..s.new {
             if t > s.cached + j {
                 continue;
             }
-            let q = &p.q[(s.row + j) * h * w..(s.row + j + 1) * h * w];
+            let q = &p.q[((s.row + j) * heads + h0) * w..((s.row + j) * heads + h0 + h) * w];
             for hd in 0..h {
-                scores[(j * h + hd) * nkeys + (t - k0)] = dot(&q[hd * w..(hd + 1) * w], &row) * p.scale;
+                scores[(j * h + hd) * nkeys + (t - k0)] = dot(&q[hd * w..(hd + 1) * w], slot) * p.scale;
             }
         }
     }
@@ -136,40 +374,39 @@ fn block(p: &LatentAttention, s: &SeqKeys, k0: usize, k1: usize, states: &mut [P
     }
     o.fill(0.0);
     for t in k0..k1 {
-        row_f32(&p.cache, s.slots[t] as usize, w, &mut row);
+        let slot = s.slots[t] as usize;
         for jh in 0..s.new * h {
             let e = scores[jh * nkeys + (t - k0)];
             if e > 0.0 {
-                axpy(&mut o[jh * vw..(jh + 1) * vw], e, &row[..vw]);
+                let y = &mut o[jh * vw..(jh + 1) * vw];
+                match p.cache {
+                    CacheRows::F32(c) => S::axpy(y, e, &c[slot * w..slot * w + vw]),
+                    CacheRows::Bf16(c) => S::axpy_bf16(y, e, &c[slot * w..slot * w + vw]),
+                }
             }
         }
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-unsafe fn block_avx512(
-    p: &LatentAttention,
-    s: &SeqKeys,
+/// A unit of work: sequence `seq`, keys `k0..k1`, heads `h0..h1`.
+pub(crate) struct Task {
+    seq: usize,
     k0: usize,
     k1: usize,
-    st: &mut [Partial],
-    o: &mut [f32],
-) {
-    block(p, s, k0, k1, st, o)
+    h0: usize,
+    h1: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
+unsafe fn block_avx512(p: &LatentAttention, s: &SeqKeys, t: &Task, st: &mut [Partial], o: &mut [f32]) {
+    block::<Avx512>(p, s, t, st, o)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn block_avx2(
-    p: &LatentAttention,
-    s: &SeqKeys,
-    k0: usize,
-    k1: usize,
-    st: &mut [Partial],
-    o: &mut [f32],
-) {
-    block(p, s, k0, k1, st, o)
+unsafe fn block_avx2(p: &LatentAttention, s: &SeqKeys, t: &Task, st: &mut [Partial], o: &mut [f32]) {
+    block::<Avx2>(p, s, t, st, o)
 }
 
 struct SendPtr<T>(*mut T);
@@ -209,42 +446,55 @@ pub fn latent_attention_with(isa: Isa, p: &LatentAttention) -> Vec<f32> {
             s.row
         );
     }
-    // Tasks: (sequence, first key, last key), each with its own partial buffers.
+    // Tasks: (sequence, key block, head group), each with its own partial buffers. Heads are
+    // grouped so that a short batch still gives every thread work; a block's cache rows are read
+    // once per group.
+    let blocks: usize = p.seqs.iter().map(|s| (s.cached + s.new).div_ceil(KEYS_PER_TASK)).sum();
+    let groups = (2 * pool::global().threads()).div_ceil(blocks.max(1)).clamp(1, h);
+    let per_group = h.div_ceil(groups);
     let mut tasks = Vec::new();
     for (i, s) in p.seqs.iter().enumerate() {
         let ctx = s.cached + s.new;
-        for k0 in (0..ctx).step_by(KEYS_PER_TASK) {
-            tasks.push((i, k0, (k0 + KEYS_PER_TASK).min(ctx)));
+        for h0 in (0..h).step_by(per_group) {
+            for k0 in (0..ctx).step_by(KEYS_PER_TASK) {
+                tasks.push(Task {
+                    seq: i,
+                    k0,
+                    k1: (k0 + KEYS_PER_TASK).min(ctx),
+                    h0,
+                    h1: (h0 + per_group).min(h),
+                });
+            }
         }
     }
     let mut offsets = Vec::with_capacity(tasks.len() + 1);
     offsets.push(0usize);
-    for &(i, _, _) in &tasks {
-        offsets.push(offsets.last().copied().unwrap_or(0) + p.seqs[i].new * h);
+    for t in &tasks {
+        offsets.push(offsets.last().copied().unwrap_or(0) + p.seqs[t.seq].new * (t.h1 - t.h0));
     }
     let n_partials = offsets.last().copied().unwrap_or(0);
     let mut states: Vec<Partial> = (0..n_partials).map(|_| Partial { max: 0.0, sum: 0.0 }).collect();
     let mut partial_o = vec![0f32; n_partials * vw];
     let (sp, op) = (SendPtr(states.as_mut_ptr()), SendPtr(partial_o.as_mut_ptr()));
-    let run = |t: usize| {
-        let (i, k0, k1) = tasks[t];
-        let (a, b) = (offsets[t], offsets[t + 1]);
-        // SAFETY: task t alone writes partials a..b; the buffers outlive the parallel region.
+    let run = |i: usize| {
+        let t = &tasks[i];
+        let (a, b) = (offsets[i], offsets[i + 1]);
+        // SAFETY: task i alone writes partials a..b; the buffers outlive the parallel region.
         let (st, o) = unsafe {
             (
                 std::slice::from_raw_parts_mut(sp.get().add(a), b - a),
                 std::slice::from_raw_parts_mut(op.get().add(a * vw), (b - a) * vw),
             )
         };
-        let s = &p.seqs[i];
+        let s = &p.seqs[t.seq];
         // SAFETY: `isa` is supported (checked above); slices were bounds-checked.
         unsafe {
             match isa {
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512Bf16 | Isa::Avx512 => block_avx512(p, s, k0, k1, st, o),
+                Isa::Avx512Bf16 | Isa::Avx512 => block_avx512(p, s, t, st, o),
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => block_avx2(p, s, k0, k1, st, o),
-                _ => block(p, s, k0, k1, st, o),
+                Isa::Avx2 => block_avx2(p, s, t, st, o),
+                _ => block::<Scalar>(p, s, t, st, o),
             }
         }
     };
@@ -252,28 +502,34 @@ pub fn latent_attention_with(isa: Isa, p: &LatentAttention) -> Vec<f32> {
 
     // Merge each (row, head)'s partials over its sequence's key blocks.
     let mut out = vec![0f32; rows * h * vw];
-    let mut t = 0;
+    let mut first = 0;
     for (i, s) in p.seqs.iter().enumerate() {
-        let first = t;
-        while t < tasks.len() && tasks[t].0 == i {
-            t += 1;
+        let mut end = first;
+        while end < tasks.len() && tasks[end].seq == i {
+            end += 1;
         }
-        for jh in 0..s.new * h {
-            let parts = (first..t).map(|k| offsets[k] + jh);
-            let max = parts.clone().map(|i| states[i].max).fold(f32::NEG_INFINITY, f32::max);
-            let dst = &mut out[(s.row * h + jh) * vw..(s.row * h + jh + 1) * vw];
-            let mut sum = 0f32;
-            for i in parts {
-                if states[i].max == f32::NEG_INFINITY {
-                    continue;
+        for j in 0..s.new {
+            for hd in 0..h {
+                let parts = (first..end)
+                    .filter(|&k| (tasks[k].h0..tasks[k].h1).contains(&hd))
+                    .map(|k| offsets[k] + j * (tasks[k].h1 - tasks[k].h0) + hd - tasks[k].h0);
+                let max = parts.clone().map(|i| states[i].max).fold(f32::NEG_INFINITY, f32::max);
+                let dst = &mut out[((s.row + j) * h + hd) * vw..((s.row + j) * h + hd + 1) * vw];
+                let mut sum = 0f32;
+                for i in parts {
+                    if states[i].max == f32::NEG_INFINITY {
+                        continue;
+                    }
+                    let f = (states[i].max - max).exp();
+                    sum += states[i].sum * f;
+                    // SAFETY: the portable loop needs no instruction set.
+                    unsafe { Scalar::axpy(dst, f, &partial_o[i * vw..(i + 1) * vw]) };
                 }
-                let f = (states[i].max - max).exp();
-                sum += states[i].sum * f;
-                axpy(dst, f, &partial_o[i * vw..(i + 1) * vw]);
+                let inv = 1.0 / sum;
+                dst.iter_mut().for_each(|v| *v *= inv);
             }
-            let inv = 1.0 / sum;
-            dst.iter_mut().for_each(|v| *v *= inv);
         }
+        first = end;
     }
     out
 }
@@ -300,78 +556,9 @@ pub struct MlaDecode<'a> {
     pub round_bf16: bool,
 }
 
-/// Output rows per task of the absorption products.
-const ABSORB_ROWS: usize = 64;
-
-/// `out[r * os + i] = Σ_k w[w_off + i * k + k'] · x[r * xs + k']` for `nrows` weight rows and `m`
-/// input rows (strided: the heads of one row sit side by side).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn rows_times(
-    w: &Weights,
-    w_off: usize,
-    nrows: usize,
-    k: usize,
-    x: &[f32],
-    xs: usize,
-    m: usize,
-    out: *mut f32,
-    os: usize,
-) {
-    let mut wrow = vec![0f32; k];
-    for i in 0..nrows {
-        match w {
-            Weights::F32(w) => wrow.copy_from_slice(&w[w_off + i * k..w_off + (i + 1) * k]),
-            Weights::Bf16(w) => {
-                for (o, &b) in wrow.iter_mut().zip(&w[w_off + i * k..w_off + (i + 1) * k]) {
-                    *o = bf16_to_f32(b);
-                }
-            }
-            Weights::Fp8(_) => unreachable!("absorption weights are held dense"),
-        }
-        for r in 0..m {
-            // SAFETY (caller): element (r, i) of this task's output block is written by this task only.
-            unsafe { *out.add(r * os + i) = dot(&wrow, &x[r * xs..r * xs + k]) };
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn rows_times_avx512(
-    w: &Weights,
-    o: usize,
-    n: usize,
-    k: usize,
-    x: &[f32],
-    xs: usize,
-    m: usize,
-    out: *mut f32,
-    os: usize,
-) {
-    rows_times(w, o, n, k, x, xs, m, out, os)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn rows_times_avx2(
-    w: &Weights,
-    o: usize,
-    n: usize,
-    k: usize,
-    x: &[f32],
-    xs: usize,
-    m: usize,
-    out: *mut f32,
-    os: usize,
-) {
-    rows_times(w, o, n, k, x, xs, m, out, os)
-}
-
 /// Per head `h`: `out[r, h, i] = Σ_k w[h, i, k] · x[r, h, k]` for `x [m, heads, k]`, `w [heads, n, k]`,
-/// `out [m, heads, out_width]` (the first `n` of each row written), tasks of [`ABSORB_ROWS`] rows.
+/// `out [m, heads, out_width]` (the first `n` of each row written): one grouped product of the GEMM
+/// kernels (their streaming GEMV at one row, register tiles above), one problem per head.
 #[allow(clippy::too_many_arguments)]
 fn per_head(
     isa: Isa,
@@ -383,41 +570,41 @@ fn per_head(
     m: usize,
     out: &mut [f32],
     out_width: usize,
+    x_is_bf16: bool,
 ) {
-    let len = match w {
-        Weights::F32(w) => w.len(),
-        Weights::Bf16(w) => w.len(),
+    let head_w = |h: usize| match w {
+        Weights::F32(v) => Weights::F32(&v[h * n * k..(h + 1) * n * k]),
+        Weights::Bf16(v) => Weights::Bf16(&v[h * n * k..(h + 1) * n * k]),
         Weights::Fp8(_) => panic!("absorption weights are held dense"),
     };
-    assert!(
-        len >= heads * n * k
-            && x.len() >= m * heads * k
-            && out.len() >= m * heads * out_width
-            && n <= out_width
-    );
-    let chunks = n.div_ceil(ABSORB_ROWS);
-    let op = SendPtr(out.as_mut_ptr());
-    let run = |t: usize| {
-        let (h, c) = (t / chunks, t % chunks);
-        let (i0, i1) = (c * ABSORB_ROWS, ((c + 1) * ABSORB_ROWS).min(n));
-        let (xo, xs, os) = (h * k, heads * k, heads * out_width);
-        let out = unsafe { op.get().add(h * out_width + i0) };
-        let wo = (h * n + i0) * k;
-        // SAFETY: task (h, c) alone writes columns i0..i1 of head h; sizes checked above; `isa` is
-        // supported (checked by the caller).
-        unsafe {
-            match isa {
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx512Bf16 | Isa::Avx512 => {
-                    rows_times_avx512(w, wo, i1 - i0, k, &x[xo..], xs, m, out, os)
-                }
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => rows_times_avx2(w, wo, i1 - i0, k, &x[xo..], xs, m, out, os),
-                _ => rows_times(w, wo, i1 - i0, k, &x[xo..], xs, m, out, os),
-            }
+    // Each head's rows side by side: [heads][m, k].
+    let mut xh = vec![0f32; heads * m * k];
+    for r in 0..m {
+        for h in 0..heads {
+            xh[(h * m + r) * k..(h * m + r + 1) * k]
+                .copy_from_slice(&x[(r * heads + h) * k..(r * heads + h + 1) * k]);
         }
-    };
-    pool::global().for_each(heads * chunks, &run);
+    }
+    let xb: Vec<u16> = if x_is_bf16 { xh.iter().map(|&v| bf16_bits(v)).collect() } else { vec![] };
+    let problems: Vec<crate::Problem> = (0..heads)
+        .map(|h| crate::Problem {
+            x: &xh[h * m * k..(h + 1) * m * k],
+            x_bf16: x_is_bf16.then(|| &xb[h * m * k..(h + 1) * m * k]),
+            w: head_w(h),
+            m,
+            n,
+            k,
+        })
+        .collect();
+    let mut ys = vec![0f32; heads * m * n];
+    let mut outs: Vec<&mut [f32]> = ys.chunks_mut(m * n).collect();
+    crate::grouped_gemm_into_with(isa, &problems, &mut outs);
+    for h in 0..heads {
+        for r in 0..m {
+            out[(r * heads + h) * out_width..][..n]
+                .copy_from_slice(&ys[(h * m + r) * n..(h * m + r + 1) * n]);
+        }
+    }
 }
 
 fn round_all(v: &mut [f32]) {
@@ -438,7 +625,7 @@ pub fn mla_decode_with(isa: Isa, p: &MlaDecode) -> Vec<f32> {
     let m = p.seqs.iter().map(|s| s.row + s.new).max().unwrap_or(0);
     assert!(p.q_pe.len() >= m * h * p.dr, "rotary queries too small");
     let mut qc = vec![0f32; m * h * w];
-    per_head(isa, &p.w_uk_t, h, p.rkv, p.dn, p.q_nope, m, &mut qc, w);
+    per_head(isa, &p.w_uk_t, h, p.rkv, p.dn, p.q_nope, m, &mut qc, w, p.round_bf16);
     for (row, pe) in qc.chunks_exact_mut(w).zip(p.q_pe.chunks_exact(p.dr)) {
         if p.round_bf16 {
             round_all(&mut row[..p.rkv]);
@@ -459,7 +646,7 @@ pub fn mla_decode_with(isa: Isa, p: &MlaDecode) -> Vec<f32> {
         round_all(&mut o_lat);
     }
     let mut out = vec![0f32; m * h * p.dv];
-    per_head(isa, &p.w_uv, h, p.dv, p.rkv, &o_lat, m, &mut out, p.dv);
+    per_head(isa, &p.w_uv, h, p.dv, p.rkv, &o_lat, m, &mut out, p.dv, p.round_bf16);
     out
 }
 
