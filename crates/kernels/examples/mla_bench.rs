@@ -13,7 +13,9 @@ fn main() {
     let (h, dn, dr, dv, rkv) = (8usize, 128usize, 64usize, 128usize, 512usize);
     let w = rkv + dr;
     let r = |n: usize, s: u32| -> Vec<u16> {
-        (0..n).map(|i| bf16_bits((((i as u32).wrapping_mul(2654435761u32) ^ s) % 1000) as f32 / 1000.0 - 0.5)).collect()
+        (0..n)
+            .map(|i| bf16_bits((((i as u32).wrapping_mul(2654435761u32) ^ s) % 1000) as f32 / 1000.0 - 0.5))
+            .collect()
     };
     let (uk, uv, cache) = (r(h * rkv * dn, 1), r(h * dv * rkv, 2), r(4096 * w, 3));
     let q_nope: Vec<f32> = (0..h * dn).map(|i| (i as f32).sin()).collect();

@@ -17,6 +17,7 @@
 pub mod attention;
 pub mod fp8;
 pub mod isa;
+pub mod moe;
 pub mod pool;
 pub mod rows;
 

@@ -110,6 +110,44 @@ pub fn grouped_linear(pairs: &[(&Tensor, &Weight)]) -> Vec<Tensor> {
         .collect()
 }
 
+/// One active expert for [`routed_experts`]: its tokens, their routing weights, its gate/up
+/// matrices (one or two) and its down matrix.
+pub(crate) type ExpertRows<'a> = (&'a [i64], &'a [f32], Vec<Weight>, Weight);
+
+/// The routed experts of a shard in one kernel call (`mlaserve_kernels::moe`): per active expert its
+/// tokens (rows of `x [N, H]`), routing weights, gate/up matrices (one or two) and down matrix.
+/// Returns the weighted sum `[N, H]` in `x`'s dtype (bf16 rounds as the tensor form does).
+pub(crate) fn routed_experts(x: &Tensor, runs: &[ExpertRows], inter: usize) -> Tensor {
+    use mlaserve_kernels::moe::ExpertRun;
+    let kind = x.kind();
+    let xf = x.to_kind(Kind::Float).contiguous();
+    let (n, h) = (x.size()[0], x.size()[1]);
+    let experts: Vec<ExpertRun> = runs
+        .iter()
+        .map(|(tokens, weights, gu, down)| ExpertRun {
+            tokens,
+            weights,
+            gate_up: gu.iter().map(weights_of).collect(),
+            down: weights_of(down),
+        })
+        .collect();
+    let mut out = vec![0f32; (n * h) as usize];
+    mlaserve_kernels::moe::routed_experts(
+        elems(&xf, Kind::Float),
+        h as usize,
+        inter,
+        &experts,
+        kind == Kind::BFloat16,
+        &mut out,
+    );
+    let y = Tensor::from_slice(&out).view([n, h]);
+    if kind == Kind::Float {
+        y
+    } else {
+        y.to_kind(kind)
+    }
+}
+
 /// Whether the row kernels (`mlaserve_kernels::rows`) take these tensors: CPU, one float kind
 /// they read (f32 or bf16), shared by all.
 fn rows_kind(ts: &[&Tensor]) -> Option<Kind> {

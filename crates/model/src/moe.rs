@@ -59,6 +59,9 @@ impl ExpertShard {
         if start == end {
             return None;
         }
+        if let Some(y) = self.forward_partial_kernel(x, d, lo, hi) {
+            return Some(y);
+        }
         let rows = d.token_of.narrow(0, start, end - start);
         let xs = x.index_select(0, &rows).to_device(self.device);
         let rows = rows.to_device(self.device);
@@ -119,6 +122,27 @@ impl ExpertShard {
             kind => (ys.to_kind(Kind::Float) * w).to_kind(kind),
         };
         Some(xs.new_zeros(x.size(), (x.kind(), self.device)).index_add(0, &rows, &ys))
+    }
+}
+
+impl ExpertShard {
+    /// The CPU kernel form of [`ExpertShard::forward_partial`] (`kernels::routed_experts`): when
+    /// routing was decided on the host and every matrix is one the kernels read.
+    fn forward_partial_kernel(&self, x: &Tensor, d: &Dispatch, lo: usize, hi: usize) -> Option<Tensor> {
+        let (token_of, weight) = d.host.as_ref()?;
+        if self.device != Device::Cpu {
+            return None;
+        }
+        let runs: Vec<kernels::ExpertRows> = (lo..hi)
+            .filter(|&e| d.offsets[e + 1] > d.offsets[e])
+            .map(|e| {
+                let (a, b) = (d.offsets[e] as usize, d.offsets[e + 1] as usize);
+                let (gu, down) = self.weights_of(e as i64 - self.first);
+                (&token_of[a..b], &weight[a..b], gu, down)
+            })
+            .collect();
+        let ok = runs.iter().all(|(_, _, gu, down)| gu.iter().chain([down]).all(|w| kernels::use_for(x, w)));
+        ok.then(|| kernels::routed_experts(x, &runs, self.inter as usize))
     }
 }
 
@@ -271,5 +295,39 @@ mod tests {
             let diff = (&sum - &want).abs().max().double_value(&[]);
             assert!(diff < 1e-9, "G={g}: {diff}");
         }
+    }
+
+    /// The kernel form (host routing, one `routed_experts` call) equals the tensor form in f32,
+    /// fused gate/up; bf16 stays within bf16 rounding of it.
+    #[test]
+    fn kernel_experts_equal_tensor_form() {
+        tch::manual_seed(3);
+        let (e, h, i, n) = (8i64, 32i64, 16i64, 5i64);
+        let opts = (Kind::Float, Device::Cpu);
+        let shard = |kind: Kind| ExpertShard {
+            first: 0,
+            experts: ExpertWeights::Stacked {
+                gate_up: (Tensor::randn([e, 2 * i, h], opts) * 0.2).to_kind(kind),
+                down: (Tensor::randn([e, h, i], opts) * 0.2).to_kind(kind),
+            },
+            inter: i,
+            device: Device::Cpu,
+        };
+        let r = Router::random(e, h, 4, 2, 3);
+        let x = Tensor::randn([n, h], opts);
+        let host = r.dispatch(&x);
+        assert!(host.host.is_some(), "CPU routing is decided on the host");
+        let (idx, w) = r.route(&x);
+        let tensor = Dispatch::new(&idx, &w, e);
+        let s = shard(Kind::Float);
+        let (a, b) = (s.forward_partial(&x, &host).unwrap(), s.forward_partial(&x, &tensor).unwrap());
+        let diff = (&a - &b).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "f32: {diff}");
+        let s = shard(Kind::BFloat16);
+        let xb = x.to_kind(Kind::BFloat16);
+        let (a, b) = (s.forward_partial(&xb, &host).unwrap(), s.forward_partial(&xb, &tensor).unwrap());
+        let (a, b) = (a.to_kind(Kind::Float), b.to_kind(Kind::Float));
+        let rel = ((&a - &b).abs().max() / b.abs().max()).double_value(&[]);
+        assert!(rel < 0.02, "bf16: {rel}");
     }
 }

@@ -148,6 +148,8 @@ pub struct Dispatch {
     pub(crate) weight: Tensor,
     /// Start of each expert's run in the sorted order; `offsets[E]` = N * k.
     pub(crate) offsets: Vec<i64>,
+    /// `token_of` and `weight` on the host, when decided there.
+    pub(crate) host: Option<(Vec<i64>, Vec<f32>)>,
 }
 
 fn offsets_of(counts: impl IntoIterator<Item = i64>) -> Vec<i64> {
@@ -170,6 +172,7 @@ impl Dispatch {
             token_of: order.floor_divide_scalar(k),
             weight: w.view([-1]).index_select(0, &order),
             offsets: offsets_of(counts),
+            host: None,
         }
     }
 
@@ -189,7 +192,12 @@ impl Dispatch {
             weight[*slot] = r.w[j];
             *slot += 1;
         }
-        Dispatch { token_of: Tensor::from_slice(&token_of), weight: Tensor::from_slice(&weight), offsets }
+        Dispatch {
+            token_of: Tensor::from_slice(&token_of),
+            weight: Tensor::from_slice(&weight),
+            offsets,
+            host: Some((token_of, weight)),
+        }
     }
 }
 
