@@ -243,9 +243,12 @@ impl Mla {
         let n = s.new;
         let tc = s.cached + n;
         let act = q_nope.kind();
-        let _threads = kernels::LibtorchThreads::widen(cache.device() == Device::Cpu);
-        let ctx = cache.index_select(0, &s.ctx_slots).to_kind(self.core_kind(act));
         let (h, rkv, dn, dr, dv) = (self.h, self.rkv, self.dn, self.dr, self.dv);
+        // Only chunks whose score matrix is large: for short prefills (a few dozen tokens) a second
+        // libtorch thread costs its wake-up on every op and saves nothing.
+        let _threads =
+            kernels::LibtorchThreads::widen(cache.device() == Device::Cpu && h * n * tc >= 1 << 20);
+        let ctx = cache.index_select(0, &s.ctx_slots).to_kind(self.core_kind(act));
         // Multiply-adds of each form (see the model notes on the absorbed/expanded trade-off).
         let absorbed = h * n * (dn + dv) * rkv + h * n * tc * (2 * rkv + dr);
         let expanded = tc * rkv * h * (dn + dv) + h * n * tc * (dn + dr + dv);
