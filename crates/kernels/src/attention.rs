@@ -11,6 +11,7 @@
 //! (gather, padded bmm, mask, softmax, bmm) is ~15 small ops per layer whose fixed cost exceeded the
 //! arithmetic at decode (measured in PERFORMANCE.md).
 
+use crate::pool::SendPtr;
 use crate::{bf16_bits, bf16_to_f32, pool, Isa, Weights};
 
 /// The latent cache, `[slots, width]` row-major.
@@ -407,18 +408,6 @@ unsafe fn block_avx512(p: &LatentAttention, s: &SeqKeys, t: &Task, st: &mut [Par
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn block_avx2(p: &LatentAttention, s: &SeqKeys, t: &Task, st: &mut [Partial], o: &mut [f32]) {
     block::<Avx2>(p, s, t, st, o)
-}
-
-struct SendPtr<T>(*mut T);
-// SAFETY: each task writes a disjoint range behind the pointer (see `run` below).
-unsafe impl<T> Sync for SendPtr<T> {}
-unsafe impl<T> Send for SendPtr<T> {}
-
-impl<T> SendPtr<T> {
-    /// A method, so that closures capture the wrapper (Sync), not its raw field.
-    fn get(&self) -> *mut T {
-        self.0
-    }
 }
 
 /// `o_lat [rows, heads, value_width]` (f32) on the process's kernel path.

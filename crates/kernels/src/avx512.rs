@@ -207,44 +207,6 @@ unsafe fn sweep<F: Fmt>(c: &Cols, w: *const F::E, m0: usize, m1: usize) {
     }
 }
 
-/// bf16 weights × bf16 activations with `vdpbf16ps`: 32 products per instruction.
-#[inline(always)]
-unsafe fn tile_dp<const R: usize, const C: usize>(
-    c: &Cols,
-    xb: *const u16,
-    w: *const u16,
-    n: usize,
-    m: usize,
-) {
-    let p = c.p;
-    let k = p.k;
-    let x = xb.add(m * k);
-    let w = w.add(n * k);
-    let mut acc = [[_mm512_setzero_ps(); C]; R];
-    let mut kk = 0;
-    let bh = |v: __m512i| -> __m512bh { std::mem::transmute(v) };
-    while kk < k {
-        let left = k - kk;
-        let mask: __mmask32 = if left >= 32 { u32::MAX } else { (1u32 << left) - 1 };
-        let mut xv = [bh(_mm512_setzero_si512()); C];
-        for (j, v) in xv.iter_mut().enumerate() {
-            *v = bh(_mm512_maskz_loadu_epi16(mask, x.add(j * k + kk) as *const i16));
-        }
-        for (r, row) in acc.iter_mut().enumerate() {
-            let wv = bh(_mm512_maskz_loadu_epi16(mask, w.add(r * k + kk) as *const i16));
-            for (j, a) in row.iter_mut().enumerate() {
-                *a = _mm512_dpbf16_ps(*a, wv, xv[j]);
-            }
-        }
-        kk += 32;
-    }
-    for (r, row) in acc.iter().enumerate() {
-        for (j, a) in row.iter().enumerate() {
-            *c.out.add((m + j) * p.n + n + r) = _mm512_reduce_add_ps(*a);
-        }
-    }
-}
-
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")]
 unsafe fn sweep_dp(c: &Cols, xb: *const u16, w: *const u16, m0: usize, m1: usize) {
     let mut n = c.n0;
@@ -254,14 +216,14 @@ unsafe fn sweep_dp(c: &Cols, xb: *const u16, w: *const u16, m0: usize, m1: usize
         while m < m1 {
             let cols = (m1 - m).min(4);
             match (r, cols) {
-                (4, 4) => tile_dp::<4, 4>(c, xb, w, n, m),
-                (4, 3) => tile_dp::<4, 3>(c, xb, w, n, m),
-                (4, 2) => tile_dp::<4, 2>(c, xb, w, n, m),
-                (4, _) => tile_dp::<4, 1>(c, xb, w, n, m),
-                (_, 4) => tile_dp::<1, 4>(c, xb, w, n, m),
-                (_, 3) => tile_dp::<1, 3>(c, xb, w, n, m),
-                (_, 2) => tile_dp::<1, 2>(c, xb, w, n, m),
-                _ => tile_dp::<1, 1>(c, xb, w, n, m),
+                (4, 4) => tile_dp_scaled::<false, 4, 4>(c, xb, w, n, m),
+                (4, 3) => tile_dp_scaled::<false, 4, 3>(c, xb, w, n, m),
+                (4, 2) => tile_dp_scaled::<false, 4, 2>(c, xb, w, n, m),
+                (4, _) => tile_dp_scaled::<false, 4, 1>(c, xb, w, n, m),
+                (_, 4) => tile_dp_scaled::<false, 1, 4>(c, xb, w, n, m),
+                (_, 3) => tile_dp_scaled::<false, 1, 3>(c, xb, w, n, m),
+                (_, 2) => tile_dp_scaled::<false, 1, 2>(c, xb, w, n, m),
+                _ => tile_dp_scaled::<false, 1, 1>(c, xb, w, n, m),
             }
             m += cols;
         }
@@ -291,10 +253,12 @@ unsafe fn widen_row_bf16(q: *const u8, k: usize, out: *mut u16) {
     }
 }
 
-/// R widened FP8 weight rows (`w`, bf16, R × K) × C bf16 input rows with `vdpbf16ps`, block by block
-/// of the reduction, each block's partial sums scaled by its FP8 block scale.
+/// R bf16 weight rows × C bf16 input rows with `vdpbf16ps` (32 products per instruction). Plain:
+/// `w` is the whole weight matrix (rows from `n`). `SCALED` (widened FP8): `w` holds just these R
+/// rows, and the reduction runs block by block with each block's partial sums scaled by its FP8
+/// block scale.
 #[inline(always)]
-unsafe fn tile_dp_scaled<const R: usize, const C: usize>(
+unsafe fn tile_dp_scaled<const SCALED: bool, const R: usize, const C: usize>(
     c: &Cols,
     xb: *const u16,
     w: *const u16,
@@ -303,7 +267,8 @@ unsafe fn tile_dp_scaled<const R: usize, const C: usize>(
 ) {
     let p = c.p;
     let k = p.k;
-    let bk = block_k(p);
+    let bk = if SCALED { block_k(p) } else { k };
+    let w = if SCALED { w } else { w.add(n * k) };
     let x = xb.add(m * k);
     let bh = |v: __m512i| -> __m512bh { std::mem::transmute(v) };
     let mut total = [[_mm512_setzero_ps(); C]; R];
@@ -327,11 +292,15 @@ unsafe fn tile_dp_scaled<const R: usize, const C: usize>(
             }
             kk += 32;
         }
-        for (r, (trow, arow)) in total.iter_mut().zip(&acc).enumerate() {
-            let s = _mm512_set1_ps(block_scale(p, n + r, kb).unwrap_or(1.0));
-            for (t, a) in trow.iter_mut().zip(arow) {
-                *t = _mm512_fmadd_ps(*a, s, *t);
+        if SCALED {
+            for (r, (trow, arow)) in total.iter_mut().zip(&acc).enumerate() {
+                let s = _mm512_set1_ps(block_scale(p, n + r, kb).unwrap_or(1.0));
+                for (t, a) in trow.iter_mut().zip(arow) {
+                    *t = _mm512_fmadd_ps(*a, s, *t);
+                }
             }
+        } else {
+            total = acc;
         }
         k0 = k1;
         kb += 1;
@@ -361,12 +330,12 @@ unsafe fn sweep_dp_fp8(c: &Cols, xb: *const u16, q: *const u8, m0: usize, m1: us
         while m < m1 {
             let cols = (m1 - m).min(3);
             match (r, cols) {
-                (4, 3) => tile_dp_scaled::<4, 3>(c, xb, w, n, m),
-                (4, 2) => tile_dp_scaled::<4, 2>(c, xb, w, n, m),
-                (4, _) => tile_dp_scaled::<4, 1>(c, xb, w, n, m),
-                (_, 3) => tile_dp_scaled::<1, 3>(c, xb, w, n, m),
-                (_, 2) => tile_dp_scaled::<1, 2>(c, xb, w, n, m),
-                _ => tile_dp_scaled::<1, 1>(c, xb, w, n, m),
+                (4, 3) => tile_dp_scaled::<true, 4, 3>(c, xb, w, n, m),
+                (4, 2) => tile_dp_scaled::<true, 4, 2>(c, xb, w, n, m),
+                (4, _) => tile_dp_scaled::<true, 4, 1>(c, xb, w, n, m),
+                (_, 3) => tile_dp_scaled::<true, 1, 3>(c, xb, w, n, m),
+                (_, 2) => tile_dp_scaled::<true, 1, 2>(c, xb, w, n, m),
+                _ => tile_dp_scaled::<true, 1, 1>(c, xb, w, n, m),
             }
             m += cols;
         }

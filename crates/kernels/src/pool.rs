@@ -14,6 +14,19 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+/// A raw pointer that tasks of one parallel region share, each writing its own disjoint part.
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+// SAFETY: users give every task a disjoint range behind the pointer, alive for the region.
+unsafe impl<T> Sync for SendPtr<T> {}
+unsafe impl<T> Send for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// A method, so that closures capture the wrapper (Sync), not its raw field.
+    pub(crate) fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
 /// How long a helper keeps polling for work before it parks.
 const SPIN: Duration = Duration::from_millis(2);
 

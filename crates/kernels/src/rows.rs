@@ -3,6 +3,7 @@
 //! few hundred values, and the tensor form costs 6-9 libtorch ops (~1 µs each) per call, dozens of
 //! calls per step.
 
+use crate::pool::SendPtr;
 use crate::{bf16_bits, bf16_to_f32, pool};
 
 /// An element type of activations: f32, or bf16 bits (u16).
@@ -40,16 +41,6 @@ impl Elem for u16 {
     #[inline(always)]
     fn put(v: f32) -> u16 {
         bf16_bits(v)
-    }
-}
-
-struct SendPtr<T>(*mut T);
-// SAFETY: tasks write disjoint rows behind the pointer.
-unsafe impl<T> Sync for SendPtr<T> {}
-unsafe impl<T> Send for SendPtr<T> {}
-impl<T> SendPtr<T> {
-    fn get(&self) -> *mut T {
-        self.0
     }
 }
 
