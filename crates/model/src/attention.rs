@@ -238,6 +238,36 @@ impl Mla {
         kernels::mla_decode(q_nope, q_pe, cache, (&self.w_uk_t, &self.w_uv), &plan.paged, self.scale)
     }
 
+    /// Softmax probabilities from raw scores (f32 rows over all `tc` keys; `visible(row)` keys
+    /// allowed), scaled and rounded as computing in `act` would: one row kernel pass on the CPU,
+    /// else the tensor form with `mask()` (true = hidden) broadcast against `shape`.
+    fn probabilities(
+        &self,
+        scores: Tensor,
+        visible: &(dyn Fn(usize) -> usize + Sync),
+        act: Kind,
+        mask: impl FnOnce() -> Tensor,
+        shape: [i64; 3],
+    ) -> Tensor {
+        if scores.device() == Device::Cpu && scores.kind() == Kind::Float && act != Kind::Double {
+            let s = scores.contiguous();
+            // SAFETY: a contiguous f32 CPU tensor, viewed once while `s` lives.
+            let v = unsafe { std::slice::from_raw_parts_mut(s.data_ptr() as *mut f32, s.numel()) };
+            mlaserve_kernels::rows::causal_softmax(
+                v,
+                shape[2] as usize,
+                visible,
+                self.scale as f32,
+                act == Kind::BFloat16,
+            );
+            return s.view(shape);
+        }
+        let scores = round_to(round_to(scores, act) * self.scale, act)
+            .view(shape)
+            .masked_fill(&mask(), f64::NEG_INFINITY);
+        round_to(scores.softmax(-1, Kind::Float), act)
+    }
+
     /// One long chunk: `[new, h, dv]`, queries tiled so scores stay bounded in memory.
     fn attend_solo(&self, s: &SoloSeq, q_nope: &Tensor, q_pe: &Tensor, cache: &Tensor) -> Tensor {
         let n = s.new;
@@ -326,38 +356,6 @@ impl Mla {
             }
         }
         Tensor::cat(&outs, 0).to_kind(q_nope.kind())
-    }
-}
-
-impl Mla {
-    /// Softmax probabilities from raw scores (f32 rows over all `tc` keys; `visible(row)` keys
-    /// allowed), scaled and rounded as computing in `act` would: one row kernel pass on the CPU,
-    /// else the tensor form with `mask()` (true = hidden) broadcast against `shape`.
-    fn probabilities(
-        &self,
-        scores: Tensor,
-        visible: &(dyn Fn(usize) -> usize + Sync),
-        act: Kind,
-        mask: impl FnOnce() -> Tensor,
-        shape: [i64; 3],
-    ) -> Tensor {
-        if scores.device() == Device::Cpu && scores.kind() == Kind::Float && act != Kind::Double {
-            let s = scores.contiguous();
-            // SAFETY: a contiguous f32 CPU tensor, viewed once while `s` lives.
-            let v = unsafe { std::slice::from_raw_parts_mut(s.data_ptr() as *mut f32, s.numel()) };
-            mlaserve_kernels::rows::causal_softmax(
-                v,
-                shape[2] as usize,
-                visible,
-                self.scale as f32,
-                act == Kind::BFloat16,
-            );
-            return s.view(shape);
-        }
-        let scores = round_to(round_to(scores, act) * self.scale, act)
-            .view(shape)
-            .masked_fill(&mask(), f64::NEG_INFINITY);
-        round_to(scores.softmax(-1, Kind::Float), act)
     }
 }
 

@@ -112,7 +112,7 @@ pub fn grouped_linear(pairs: &[(&Tensor, &Weight)]) -> Vec<Tensor> {
 
 /// One active expert for [`routed_experts`]: its tokens, their routing weights, its gate/up
 /// matrices (one or two) and its down matrix.
-pub(crate) type ExpertRows<'a> = (&'a [i64], &'a [f32], Vec<Weight>, Weight);
+pub(crate) type ExpertRows<'a> = (&'a [i64], &'a [f32], &'a [Weight], &'a Weight);
 
 /// The routed experts of a shard in one kernel call (`mlaserve_kernels::moe`): per active expert its
 /// tokens (rows of `x [N, H]`), routing weights, gate/up matrices (one or two) and down matrix.

@@ -17,38 +17,25 @@ use crate::routing::{Dispatch, Router};
 pub struct ExpertShard {
     /// Global id of the first expert held.
     first: i64,
-    experts: ExpertWeights,
+    /// Per local expert: gate and up (one fused `[2I, H]` product, or two for FP8 with their own
+    /// block scales) and down. Views made once at load; dense experts are views into one stacked
+    /// `[n, 2I, H]` / `[n, H, I]` pair.
+    experts: Vec<(Vec<Weight>, Weight)>,
     inter: i64,
     device: Device,
 }
 
-/// A shard's expert weights.
-enum ExpertWeights {
-    /// Plain weights stacked: `[n, 2I, H]` (gate rows then up rows) and `[n, H, I]`.
-    Stacked { gate_up: Tensor, down: Tensor },
-    /// FP8 weights, (gate, up, down) per expert, each with its own block scales.
-    Each(Vec<[Weight; 3]>),
-}
-
 impl ExpertShard {
-    pub fn num_experts(&self) -> i64 {
-        match &self.experts {
-            ExpertWeights::Stacked { gate_up, .. } => gate_up.size()[0],
-            ExpertWeights::Each(v) => v.len() as i64,
-        }
+    /// Dense experts from stacked `gate_up [n, 2I, H]` (gate rows then up rows) and `down [n, H, I]`.
+    fn stacked(first: i64, gate_up: &Tensor, down: &Tensor, inter: i64, device: Device) -> Self {
+        let experts = (0..gate_up.size()[0])
+            .map(|e| (vec![Weight::Dense(gate_up.get(e))], Weight::Dense(down.get(e))))
+            .collect();
+        ExpertShard { first, experts, inter, device }
     }
 
-    /// The weights of local expert `e`: (gate and up as one or two products, down).
-    fn weights_of(&self, e: i64) -> (Vec<Weight>, Weight) {
-        match &self.experts {
-            ExpertWeights::Stacked { gate_up, down } => {
-                (vec![Weight::Dense(gate_up.get(e))], Weight::Dense(down.get(e)))
-            }
-            ExpertWeights::Each(v) => {
-                let [g, u, d] = &v[e as usize];
-                (vec![g.shallow_clone(), u.shallow_clone()], d.shallow_clone())
-            }
-        }
+    pub fn num_experts(&self) -> i64 {
+        self.experts.len() as i64
     }
 
     /// This shard's experts' weighted outputs summed per token, `[N, H]` on the shard's device, or
@@ -62,15 +49,16 @@ impl ExpertShard {
         if let Some(y) = self.forward_partial_kernel(x, d, lo, hi) {
             return Some(y);
         }
-        let rows = d.token_of.narrow(0, start, end - start);
+        let (token_of, weight) = d.tensors();
+        let rows = token_of.narrow(0, start, end - start);
         let xs = x.index_select(0, &rows).to_device(self.device);
         let rows = rows.to_device(self.device);
         // The active experts, their weights and their runs of rows in `xs`.
-        let active: Vec<(Tensor, Vec<Weight>, Weight)> = (lo..hi)
+        let active: Vec<(Tensor, &[Weight], &Weight)> = (lo..hi)
             .filter(|&e| d.offsets[e + 1] > d.offsets[e])
             .map(|e| {
-                let (gu, down) = self.weights_of(e as i64 - self.first);
-                (xs.narrow(0, d.offsets[e] - start, d.offsets[e + 1] - d.offsets[e]), gu, down)
+                let (gu, down) = &self.experts[e - self.first as usize];
+                (xs.narrow(0, d.offsets[e] - start, d.offsets[e + 1] - d.offsets[e]), gu.as_slice(), down)
             })
             .collect();
         let inter = self.inter;
@@ -80,7 +68,7 @@ impl ExpertShard {
             _ => unreachable!("gate and up are one or two products"),
         };
         let kernel =
-            active.iter().all(|(x, gu, down)| gu.iter().chain([down]).all(|w| kernels::use_for(x, w)));
+            active.iter().all(|(x, gu, down)| gu.iter().chain([*down]).all(|w| kernels::use_for(x, w)));
         let outs: Vec<Tensor> = if kernel {
             // All active experts' products in one parallel region per matrix.
             let pairs: Vec<(&Tensor, &Weight)> =
@@ -103,7 +91,7 @@ impl ExpertShard {
                     act.narrow(0, row - n, n)
                 })
                 .collect();
-            let pairs: Vec<(&Tensor, &Weight)> = acts.iter().zip(active.iter().map(|(_, _, d)| d)).collect();
+            let pairs: Vec<(&Tensor, &Weight)> = acts.iter().zip(active.iter().map(|(_, _, d)| *d)).collect();
             kernels::grouped_linear(&pairs)
         } else {
             active
@@ -115,7 +103,7 @@ impl ExpertShard {
                 .collect()
         };
         let ys = Tensor::cat(&outs, 0);
-        let w = d.weight.narrow(0, start, end - start).unsqueeze(1).to_device(self.device);
+        let w = weight.narrow(0, start, end - start).unsqueeze(1).to_device(self.device);
         // Weighting in fp32 (as the reference does for bf16 activations); f64 stays f64 for tests.
         let ys = match ys.kind() {
             Kind::Double => ys * w,
@@ -137,11 +125,11 @@ impl ExpertShard {
             .filter(|&e| d.offsets[e + 1] > d.offsets[e])
             .map(|e| {
                 let (a, b) = (d.offsets[e] as usize, d.offsets[e + 1] as usize);
-                let (gu, down) = self.weights_of(e as i64 - self.first);
-                (&token_of[a..b], &weight[a..b], gu, down)
+                let (gu, down) = &self.experts[e - self.first as usize];
+                (&token_of[a..b], &weight[a..b], gu.as_slice(), down)
             })
             .collect();
-        let ok = runs.iter().all(|(_, _, gu, down)| gu.iter().chain([down]).all(|w| kernels::use_for(x, w)));
+        let ok = runs.iter().all(|(_, _, gu, down)| gu.iter().chain([*down]).all(|w| kernels::use_for(x, w)));
         ok.then(|| kernels::routed_experts(x, &runs, self.inter as usize))
     }
 }
@@ -163,6 +151,7 @@ impl Moe {
         let router = Router {
             weight: ctx.weight_f32(&format!("{prefix}.gate.weight"), &[e, hid])?,
             bias: ctx.weight_f32(&format!("{prefix}.gate.e_score_correction_bias"), &[e])?,
+            bias_host: Default::default(),
             n_experts: e as i64,
             n_group: c.n_group as i64,
             topk_group: c.topk_group as i64,
@@ -183,7 +172,7 @@ impl Moe {
                     ctx.matrix(&format!("{p}.down_proj.weight"), &[hid, inter])?,
                 ]);
             }
-            let experts = if each.iter().flatten().all(|w| matches!(w, Weight::Dense(_))) {
+            let shard = if each.iter().flatten().all(|w| matches!(w, Weight::Dense(_))) {
                 let dense = |i: usize| -> Vec<Tensor> {
                     each.iter()
                         .map(|ws| match &ws[i] {
@@ -194,16 +183,17 @@ impl Moe {
                 };
                 let (g, u) = (dense(0), dense(1));
                 let gate_up: Vec<Tensor> = g.iter().zip(&u).map(|(g, u)| Tensor::cat(&[g, u], 0)).collect();
-                ExpertWeights::Stacked {
-                    gate_up: Tensor::stack(&gate_up, 0).to_device(device),
-                    down: Tensor::stack(&dense(2), 0).to_device(device),
-                }
+                let gate_up = Tensor::stack(&gate_up, 0).to_device(device);
+                let down = Tensor::stack(&dense(2), 0).to_device(device);
+                ExpertShard::stacked(lo as i64, &gate_up, &down, inter as i64, device)
             } else {
-                ExpertWeights::Each(
-                    each.iter().map(|ws| ws.each_ref().map(|w| w.to_device(device))).collect(),
-                )
+                let experts = each
+                    .iter()
+                    .map(|[g, u, d]| (vec![g.to_device(device), u.to_device(device)], d.to_device(device)))
+                    .collect();
+                ExpertShard { first: lo as i64, experts, inter: inter as i64, device }
             };
-            shards.push(ExpertShard { first: lo as i64, experts, inter: inter as i64, device });
+            shards.push(shard);
         }
         let shared = if c.n_shared_experts > 0 {
             let si = inter * c.n_shared_experts;
@@ -280,15 +270,13 @@ mod tests {
             let mut partials = vec![];
             for s in 0..g {
                 let (lo, hi) = (s * e / g, (s + 1) * e / g);
-                let shard = ExpertShard {
-                    first: lo,
-                    experts: ExpertWeights::Stacked {
-                        gate_up: gate_up.narrow(0, lo, hi - lo),
-                        down: down.narrow(0, lo, hi - lo),
-                    },
-                    inter: i,
-                    device: Device::Cpu,
-                };
+                let shard = ExpertShard::stacked(
+                    lo,
+                    &gate_up.narrow(0, lo, hi - lo),
+                    &down.narrow(0, lo, hi - lo),
+                    i,
+                    Device::Cpu,
+                );
                 partials.push((shard.forward_partial(&x, &d), Device::Cpu));
             }
             let sum = Combine::Add.sum(partials, Device::Cpu, &x).unwrap();
@@ -304,14 +292,10 @@ mod tests {
         tch::manual_seed(3);
         let (e, h, i, n) = (8i64, 32i64, 16i64, 5i64);
         let opts = (Kind::Float, Device::Cpu);
-        let shard = |kind: Kind| ExpertShard {
-            first: 0,
-            experts: ExpertWeights::Stacked {
-                gate_up: (Tensor::randn([e, 2 * i, h], opts) * 0.2).to_kind(kind),
-                down: (Tensor::randn([e, h, i], opts) * 0.2).to_kind(kind),
-            },
-            inter: i,
-            device: Device::Cpu,
+        let shard = |kind: Kind| {
+            let gate_up = (Tensor::randn([e, 2 * i, h], opts) * 0.2).to_kind(kind);
+            let down = (Tensor::randn([e, h, i], opts) * 0.2).to_kind(kind);
+            ExpertShard::stacked(0, &gate_up, &down, i, Device::Cpu)
         };
         let r = Router::random(e, h, 4, 2, 3);
         let x = Tensor::randn([n, h], opts);

@@ -6,11 +6,16 @@
 //! per layer at batch 1, measured), which at decode is more than the experts' own products. Other
 //! devices keep the tensor form, so routing stays on the device.
 
+use std::cell::OnceCell;
+use std::sync::OnceLock;
+
 use tch::{Device, Kind, Tensor};
 
 pub struct Router {
     pub(crate) weight: Tensor,
     pub(crate) bias: Tensor,
+    /// `bias` on the host, copied once (the host rule reads it every step).
+    pub(crate) bias_host: OnceLock<Vec<f32>>,
     pub(crate) n_experts: i64,
     pub(crate) n_group: i64,
     pub(crate) topk_group: i64,
@@ -60,23 +65,23 @@ impl Router {
         let (mut idx, mut w) = (Vec::with_capacity(n * k), Vec::with_capacity(n * k));
         let (mut scores, mut choice) = (vec![0f32; e], vec![0f32; e]);
         let (mut group_score, mut kept, mut top) = (vec![0f32; groups], Vec::new(), Vec::new());
+        let mut allowed = vec![true; e];
         for row in logits.chunks_exact(e) {
             for j in 0..e {
                 scores[j] = 1.0 / (1.0 + (-row[j]).exp());
                 choice[j] = scores[j] + bias[j];
             }
-            let allowed: Box<dyn Fn(usize) -> bool> = if groups > 1 {
+            if groups > 1 {
                 for (g, gs) in group_score.iter_mut().enumerate() {
                     top_indices(&choice[g * per..(g + 1) * per], 2, |_| true, &mut top);
                     *gs = top.iter().map(|&j| choice[g * per + j]).sum();
                 }
                 top_indices(&group_score, keep_groups, |_| true, &mut kept);
-                let kept = kept.clone();
-                Box::new(move |j| kept.contains(&(j / per)))
-            } else {
-                Box::new(|_| true)
-            };
-            top_indices(&choice, k, allowed, &mut top);
+                for (j, a) in allowed.iter_mut().enumerate() {
+                    *a = kept.contains(&(j / per));
+                }
+            }
+            top_indices(&choice, k, |j| allowed[j], &mut top);
             let total: f32 = top.iter().map(|&j| scores[j]).sum();
             for &j in &top {
                 let mut wj = scores[j];
@@ -123,8 +128,8 @@ impl Router {
             return Dispatch::new(&idx, &w, self.n_experts);
         }
         let logits: Vec<f32> = Vec::try_from(self.logits(x).view([-1])).expect("fp32 logits");
-        let bias: Vec<f32> = Vec::try_from(&self.bias).expect("fp32 bias");
-        Dispatch::from_host(&self.route_host(&logits, &bias), self.n_experts as usize)
+        let bias = self.bias_host.get_or_init(|| Vec::try_from(&self.bias).expect("fp32 bias"));
+        Dispatch::from_host(&self.route_host(&logits, bias), self.n_experts as usize)
     }
 
     #[cfg(test)]
@@ -132,6 +137,7 @@ impl Router {
         Router {
             weight: Tensor::randn([e, hidden], (Kind::Float, Device::Cpu)),
             bias: Tensor::randn([e], (Kind::Float, Device::Cpu)) * 0.1,
+            bias_host: OnceLock::new(),
             n_experts: e,
             n_group: groups,
             topk_group: kg,
@@ -144,12 +150,13 @@ impl Router {
 
 /// Assignments (token, expert) sorted by expert, shared by all shards of a layer.
 pub struct Dispatch {
-    pub(crate) token_of: Tensor,
-    pub(crate) weight: Tensor,
     /// Start of each expert's run in the sorted order; `offsets[E]` = N * k.
     pub(crate) offsets: Vec<i64>,
-    /// `token_of` and `weight` on the host, when decided there.
+    /// The token of each assignment and its routing weight, on the host when decided there.
     pub(crate) host: Option<(Vec<i64>, Vec<f32>)>,
+    /// The same as tensors: made on first use when decided on the host (the CPU expert kernel
+    /// reads `host` and never needs them).
+    tensors: OnceCell<(Tensor, Tensor)>,
 }
 
 fn offsets_of(counts: impl IntoIterator<Item = i64>) -> Vec<i64> {
@@ -168,15 +175,11 @@ impl Dispatch {
         let order = flat.argsort_stable(true, 0, false);
         let counts: Vec<i64> = Vec::try_from(flat.bincount::<Tensor>(None, n_experts).to_device(Device::Cpu))
             .expect("bincount is int64");
-        Dispatch {
-            token_of: order.floor_divide_scalar(k),
-            weight: w.view([-1]).index_select(0, &order),
-            offsets: offsets_of(counts),
-            host: None,
-        }
+        let tensors = OnceCell::from((order.floor_divide_scalar(k), w.view([-1]).index_select(0, &order)));
+        Dispatch { offsets: offsets_of(counts), host: None, tensors }
     }
 
-    /// From host decisions: a stable counting sort by expert (CPU tensors).
+    /// From host decisions: a stable counting sort by expert.
     pub fn from_host(r: &HostRoute, n_experts: usize) -> Self {
         let mut counts = vec![0i64; n_experts];
         for &e in &r.idx {
@@ -192,12 +195,15 @@ impl Dispatch {
             weight[*slot] = r.w[j];
             *slot += 1;
         }
-        Dispatch {
-            token_of: Tensor::from_slice(&token_of),
-            weight: Tensor::from_slice(&weight),
-            offsets,
-            host: Some((token_of, weight)),
-        }
+        Dispatch { offsets, host: Some((token_of, weight)), tensors: OnceCell::new() }
+    }
+
+    /// The token of each assignment `[N * k]` and its weight, as (CPU, for host decisions) tensors.
+    pub(crate) fn tensors(&self) -> &(Tensor, Tensor) {
+        self.tensors.get_or_init(|| {
+            let (t, w) = self.host.as_ref().expect("a dispatch holds tensors or host vectors");
+            (Tensor::from_slice(t), Tensor::from_slice(w))
+        })
     }
 }
 
@@ -281,11 +287,9 @@ mod tests {
             }
             let (dt, dh) = (Dispatch::new(&idx, &w, e), Dispatch::from_host(&host, e as usize));
             assert_eq!(dt.offsets, dh.offsets);
-            assert_eq!(
-                Vec::<i64>::try_from(&dt.token_of).unwrap(),
-                Vec::<i64>::try_from(&dh.token_of).unwrap()
-            );
-            let diff = (&dt.weight - &dh.weight).abs().max().double_value(&[]);
+            let ((tt, tw), (ht, hw)) = (dt.tensors(), dh.tensors());
+            assert_eq!(Vec::<i64>::try_from(tt).unwrap(), Vec::<i64>::try_from(ht).unwrap());
+            let diff = (tw - hw).abs().max().double_value(&[]);
             assert!(diff < 1e-6, "{diff}");
         }
     }
