@@ -28,6 +28,40 @@ pub fn to_f32(b: u8) -> f32 {
     undershot(b) * F16_UNDERSHOOT
 }
 
+/// bf16 bits of [`undershot`] for every e4m3 magnitude (the byte's low 7 bits), high bytes and low
+/// bytes apart: the two 128-entry tables of the AVX-512 VBMI byte lookup (`vpermi2b`). Every value
+/// is a normal bf16 (the smallest, 2⁻¹⁷, is far above bf16's 2⁻¹²⁶), so `vdpbf16ps`, which treats
+/// subnormal inputs as zero, reads each one exactly.
+pub const BF16_HI: [u8; 128] = bf16_table(true);
+pub const BF16_LO: [u8; 128] = bf16_table(false);
+
+const fn bf16_table(high: bool) -> [u8; 128] {
+    let mut t = [0u8; 128];
+    let mut b = 0;
+    while b < 128 {
+        let v = bf16_of_magnitude(b as u8);
+        t[b] = if high { (v >> 8) as u8 } else { v as u8 };
+        b += 1;
+    }
+    t
+}
+
+/// bf16 bits of `e4m3 / 2⁸` for a sign-less code (`b < 128`); the NaN code reads as 480 / 2⁸, as
+/// in [`to_f32`].
+const fn bf16_of_magnitude(b: u8) -> u16 {
+    let (e, m) = ((b >> 3) as u16 & 0xF, b as u16 & 7);
+    if e == 0 {
+        if m == 0 {
+            return 0;
+        }
+        // m · 2⁻⁹ / 2⁸ = 2^(p - 17) · (m / 2^p), p = ⌊log₂ m⌋.
+        let p = 15 - m.leading_zeros() as u16;
+        return (127 - 17 + p) << 7 | (m - (1 << p)) << (7 - p);
+    }
+    // 2^(e - 7) · (1 + m/8) / 2⁸: bf16 exponent field e - 15 + 127.
+    (e + 112) << 7 | m << 4
+}
+
 /// The IEEE reading of an e4m3fn byte, written out from the format's definition (bias 7, three
 /// mantissa bits, subnormals when the exponent is 0, NaN at S.1111.111): the tests' reference.
 pub fn reference(b: u8) -> f64 {
@@ -60,5 +94,16 @@ mod tests {
         assert_eq!(to_f32(0x7E), 448.0);
         assert_eq!(to_f32(0x01), 2f32.powi(-9));
         assert_eq!(to_f32(0x80), -0.0);
+    }
+
+    #[test]
+    fn byte_tables_hold_every_code_as_bf16() {
+        for b in 0..=255u8 {
+            let m = (b & 0x7F) as usize;
+            let bits = (BF16_HI[m] as u16) << 8 | BF16_LO[m] as u16 | (b as u16 & 0x80) << 8;
+            let v = f32::from_bits((bits as u32) << 16);
+            assert_eq!(v.to_bits(), undershot(b).to_bits(), "code {b:#x}");
+            assert!(v == 0.0 || v.is_normal(), "code {b:#x} is subnormal in bf16");
+        }
     }
 }

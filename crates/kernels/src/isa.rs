@@ -12,6 +12,8 @@ use std::sync::OnceLock;
 pub enum Isa {
     /// AVX-512F/BW/VL plus `vdpbf16ps`: bf16 weights against bf16 activations in pairs. Used only
     /// where the activations are bf16 already; f32 activations take the [`Isa::Avx512`] loops.
+    /// Also needs AVX512_VBMI (`vpermi2b`, FP8 → bf16 by byte lookup): Zen 4/5 and Intel since Ice
+    /// Lake have both; Cooper Lake (BF16 without VBMI) takes [`Isa::Avx512`].
     Avx512Bf16,
     /// AVX-512F/BW/VL (16 lanes, masked edges) with F16C for FP8 widening.
     Avx512,
@@ -57,7 +59,7 @@ impl Isa {
             let avx2 = has!("avx2") && has!("fma") && has!("f16c");
             let avx512 = avx2 && has!("avx512f") && has!("avx512bw") && has!("avx512vl");
             match self {
-                Isa::Avx512Bf16 => avx512 && has!("avx512bf16"),
+                Isa::Avx512Bf16 => avx512 && has!("avx512bf16") && has!("avx512vbmi"),
                 Isa::Avx512 => avx512,
                 Isa::Avx2 => avx2,
                 Isa::Portable => true,
@@ -126,6 +128,7 @@ pub fn cpu_features() -> String {
             ("avx512bw", has!("avx512bw")),
             ("avx512vl", has!("avx512vl")),
             ("avx512bf16", has!("avx512bf16")),
+            ("avx512vbmi", has!("avx512vbmi")),
             ("avx512vnni", has!("avx512vnni")),
         ];
         list.iter().filter(|(_, on)| *on).map(|(n, _)| *n).collect::<Vec<_>>().join(" ")

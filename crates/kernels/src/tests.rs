@@ -128,6 +128,12 @@ fn every_path_matches_float64_on_ragged_shapes() {
         (33, 70, 9, (4, 4)),
         (50, 40, 300, (128, 128)),
         (1, 300, 1030, (128, 128)),
+        // One input row, reduction blocks a multiple of 64 (FP8 by byte lookup on avx512bf16):
+        // whole and partial 64-chunks, row groups of 4 with single rows left over.
+        (1, 37, 200, (16, 64)),
+        (1, 6, 64, (1, 64)),
+        (1, 41, 1000, (128, 128)),
+        (1, 9, 130, (128, 192)),
     ];
     for isa in supported_paths() {
         for &(m, n, k, block) in &shapes {
