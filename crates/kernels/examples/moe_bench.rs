@@ -45,13 +45,13 @@ fn main() {
         .collect();
     let scale = vec![0.01f32; (h / 128) * (i / 128).max(1) * 2];
     let mut out = vec![0f32; tokens * h];
-    // Call c: token t picks the 8 experts (t·3 + c·5 + j·4) mod 32: a new set each call, like a real
+    // Call c: token t picks the 8 experts (t·3 + c + j·4) mod 32: a new set each call, like a real
     // router, so the weights read are not the ones the last call left in cache.
     let picks_of = |c: usize| -> Vec<Vec<i64>> {
         (0..e)
             .map(|x| {
                 (0..tokens)
-                    .filter(|t| (0..k).any(|j| (t * 3 + c * 5 + j * 4) % e == x))
+                    .filter(|t| (0..k).any(|j| (t * 3 + c + j * 4) % e == x))
                     .map(|t| t as i64)
                     .collect()
             })
@@ -61,7 +61,7 @@ fn main() {
     let wts: Vec<f32> = vec![0.1; tokens];
     for name in ["bf16", "fp8", "bf16", "fp8"] {
         let run = |l: usize, out: &mut [f32]| {
-            let picks = &calls[l % calls.len()];
+            let picks = &calls[(l / layers) % calls.len()];
             let runs: Vec<ExpertRun> = (0..e)
                 .filter(|&x| !picks[x].is_empty())
                 .map(|x| {

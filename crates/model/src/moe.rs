@@ -225,6 +225,7 @@ impl Moe {
         // Like a failed libtorch op, a failed collective fails this step (the worker turns the
         // panic into an INTERNAL status for it) rather than returning a wrong sum.
         let routed = routed.unwrap_or_else(|e| panic!("expert combine: {e}"));
+        drop(_p);
         let _p = profile::section("moe.shared");
         match &self.shared {
             Some(m) => routed + m.forward(x),
