@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::portable::{block_k, block_scale, weight};
+use crate::portable::{block_k, weight, RowScales};
 use crate::{Cols, Weights};
 
 /// How one weight format is widened to 8 f32 lanes.
@@ -70,6 +70,7 @@ unsafe fn tile<F: Fmt, const R: usize, const C: usize>(c: &Cols, w: *const F::E,
     let bk = block_k(p);
     let x = p.x.as_ptr().add(m * k);
     let wrow = w.add(n * k);
+    let rs: [RowScales; R] = std::array::from_fn(|r| RowScales::new(p, n + r));
     let mut total = [[0f32; C]; R];
     let mut k0 = 0;
     let mut kb = 0;
@@ -91,7 +92,7 @@ unsafe fn tile<F: Fmt, const R: usize, const C: usize>(c: &Cols, w: *const F::E,
             kk += 8;
         }
         for (r, (trow, arow)) in total.iter_mut().zip(&acc).enumerate() {
-            let f = block_scale(p, n + r, kb);
+            let f = rs[r].at(kb);
             for (j, (t, a)) in trow.iter_mut().zip(arow).enumerate() {
                 let mut s = hsum(*a);
                 for q in kk..k1 {
@@ -126,6 +127,7 @@ unsafe fn row<F: Fmt>(c: &Cols, w: *const F::E, n: usize, m: usize) {
     let bk = block_k(p);
     let x = p.x.as_ptr().add(m * k);
     let w = w.add(n * k);
+    let rs = RowScales::new(p, n);
     let mut total = 0f32;
     let (mut k0, mut kb) = (0, 0);
     while k0 < k {
@@ -150,7 +152,7 @@ unsafe fn row<F: Fmt>(c: &Cols, w: *const F::E, n: usize, m: usize) {
         for q in kk..k1 {
             s += *x.add(q) * weight(&p.w, n * k + q);
         }
-        total += match block_scale(p, n, kb) {
+        total += match rs.at(kb) {
             Some(f) => s * f,
             None => s,
         };

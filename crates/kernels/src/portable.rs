@@ -23,15 +23,28 @@ pub(crate) fn block_k(p: &Problem) -> usize {
     }
 }
 
-/// The factor for row `n`'s reduction block `kb`; None when the weights are unscaled.
-#[inline(always)]
-pub(crate) fn block_scale(p: &Problem, n: usize, kb: usize) -> Option<f32> {
-    match p.w {
-        Weights::Fp8(f) => {
-            let kblocks = p.k.div_ceil(f.block_k);
-            Some(f.scale[(n / f.block_n) * kblocks + kb] * fp8::F16_UNDERSHOOT)
-        }
-        _ => None,
+/// Row `n`'s FP8 block scales (one per block of the reduction), found once per row: the loops
+/// scale every block, and finding the grid row takes a division.
+#[derive(Clone, Copy)]
+pub(crate) struct RowScales<'a>(Option<&'a [f32]>);
+
+impl<'a> RowScales<'a> {
+    #[inline(always)]
+    pub(crate) fn new(p: &Problem<'a>, n: usize) -> Self {
+        RowScales(match p.w {
+            Weights::Fp8(f) => {
+                let kblocks = p.k.div_ceil(f.block_k);
+                let r = n / f.block_n * kblocks;
+                Some(&f.scale[r..r + kblocks])
+            }
+            _ => None,
+        })
+    }
+
+    /// The factor for reduction block `kb` (with the f16 route's 2⁸); None when unscaled.
+    #[inline(always)]
+    pub(crate) fn at(&self, kb: usize) -> Option<f32> {
+        self.0.map(|s| s[kb] * fp8::F16_UNDERSHOOT)
     }
 }
 
@@ -41,13 +54,14 @@ pub(crate) unsafe fn columns(c: &Cols, m0: usize, m1: usize) {
     let p = c.p;
     let bk = block_k(p);
     for n in c.n0..c.n1 {
+        let rs = RowScales::new(p, n);
         for m in m0..m1 {
             let x = &p.x[m * p.k..(m + 1) * p.k];
             let mut total = 0f32;
             for (kb, k0) in (0..p.k).step_by(bk).enumerate() {
                 let k1 = (k0 + bk).min(p.k);
                 let s: f32 = (k0..k1).map(|k| x[k] * weight(&p.w, n * p.k + k)).sum();
-                total += match block_scale(p, n, kb) {
+                total += match rs.at(kb) {
                     Some(f) => s * f,
                     None => s,
                 };

@@ -129,7 +129,7 @@ fn every_path_matches_float64_on_ragged_shapes() {
         (50, 40, 300, (128, 128)),
         (1, 300, 1030, (128, 128)),
         // One input row, reduction blocks a multiple of 64 (FP8 by byte lookup on avx512bf16):
-        // whole and partial 64-chunks, row groups of 4 with single rows left over.
+        // whole and partial 64-chunks, blocks of 64 to 192.
         (1, 37, 200, (16, 64)),
         (1, 6, 64, (1, 64)),
         (1, 41, 1000, (128, 128)),
