@@ -84,6 +84,9 @@ unsafe fn tile<F: Fmt, const R: usize, const C: usize>(c: &Cols, w: *const F::E,
                 *v = _mm256_loadu_ps(x.add(j * k + kk));
             }
             for (r, row) in acc.iter_mut().enumerate() {
+                // The next tile's rows load while these are multiplied (few input rows per weight
+                // row leave the tiles waiting on four cold streams otherwise).
+                _mm_prefetch::<_MM_HINT_T0>(wrow.wrapping_add(R * k + r * k + kk) as *const i8);
                 let wv = F::load(wrow.add(r * k + kk));
                 for (j, a) in row.iter_mut().enumerate() {
                     *a = _mm256_fmadd_ps(wv, xv[j], *a);

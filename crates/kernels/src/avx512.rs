@@ -94,6 +94,8 @@ unsafe fn tile<F: Fmt, const R: usize, const C: usize>(c: &Cols, w: *const F::E,
                 *v = _mm512_loadu_ps(x.add(j * k + kk));
             }
             for (r, row) in acc.iter_mut().enumerate() {
+                // The next tile's rows, as in `tile_dp_scaled`.
+                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(R * k + r * k + kk) as *const i8);
                 let wv = F::load(w.add(r * k + kk));
                 for (j, a) in row.iter_mut().enumerate() {
                     *a = _mm512_fmadd_ps(wv, xv[j], *a);
