@@ -18,7 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
-FLAGS = ["avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16",
+FLAGS = ["avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512vbmi", "avx_vnni", "amx_tile", "amx_bf16",
          "amx_int8", "asimd", "sve", "bf16"]
 
 
@@ -158,9 +158,8 @@ def active_bytes(checkpoint: Path):
     """Bytes of weights one batch-1 decode token reads, keyed by mlaserve's profile sections.
 
     Sections nest as in the code: `attention` holds attn.proj / attn.core (core.absorb_q,
-    core.absorb_out: the two halves of kv_b_proj) / attn.o_proj; `moe` holds moe.route and
-    moe.experts, and moe.experts' timer runs to the end of Moe::forward, so it spans the shared expert
-    too (moe.shared times that alone). The latent cache read (576 values per cached token) is not
+    core.absorb_out: the two halves of kv_b_proj) / attn.o_proj; `moe` holds moe.route,
+    moe.experts (the routed experts) and moe.shared. The latent cache read (576 values per cached token) is not
     counted: at short context it is far below the weights."""
     c = json.loads((checkpoint / "config.json").read_text())
     n_layers, k, n = c["num_hidden_layers"], c["num_experts_per_tok"], c["n_routed_experts"]
@@ -205,11 +204,11 @@ def active_bytes(checkpoint: Path):
         "attn.o_proj": b["attn.o_proj"],
         "dense_mlp": b["dense_mlp"],
         "moe.route": b["moe.route"],
-        "moe.experts": routed + b["moe.shared"],
+        "moe.experts": routed,
         "moe.shared": b["moe.shared"],
         "lm_head": b["lm_head"],
     }
     s["attention"] = s["attn.proj"] + s["attn.core"] + s["attn.o_proj"]
-    s["moe"] = s["moe.route"] + s["moe.experts"]
+    s["moe"] = s["moe.route"] + s["moe.experts"] + s["moe.shared"]
     s["total"] = s["attention"] + s["dense_mlp"] + s["moe"] + s["lm_head"] + b["embed_row"] + b["norms"]
     return s

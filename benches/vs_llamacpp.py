@@ -84,7 +84,11 @@ class Mlaserve:
             sys.stderr.write(r.stderr[-4000:])
             raise RuntimeError("mlaserve generate failed")
         lines = r.stderr.strip().splitlines()
-        self.kernel_lines.update(ln.strip() for ln in lines if re.search(r"kernel", ln, re.I))
+        for ln in lines:
+            # The load log's `kernel="avx512bf16"` (ANSI colours stripped).
+            m = re.search(r'\bkernel="?([a-z0-9_]+)', re.sub(r"\x1b\[[0-9;]*m", "", ln))
+            if m:
+                self.kernel_lines.add(m.group(1))
         stats = json.loads(lines[-1])
         stats["profile"] = parse_profile(lines) if profile else None
         return stats
@@ -329,12 +333,11 @@ def report(res, figures):
         mb = f"{s['active_mb']:.1f}" if s["active_mb"] else "-"
         gbs = f"{s['gb_s']:.1f}" if s["gb_s"] else "-"
         share = f"{s['share_of_read_bw']:.0%}" if s["share_of_read_bw"] else "-"
-        name += " (+shared)" if name == "moe.experts" else ""  # its timer runs to the end of Moe::forward
         print(f"  {indent + name:<22} {s['ms_per_step']:>8.3f} {mb:>10} {gbs:>7} {share:>11} {s['gap_ms']:>7.3f}")
     print(f"  {'step':<22} {p['step_ms']:>8.3f} {act['total'] / 1e6:>10.1f} "
           f"{act['total'] / p['step_ms'] / 1e6:>7.1f} {act['total'] / p['step_ms'] / 1e6 / bw:>11.0%} "
           f"{p['step_ms'] - p['floor_step_ms']:>7.3f}")
-    leaves = [s for s in p["sections"] if s["section"] not in ("attention", "moe", "attn.core", "moe.shared")]
+    leaves = [s for s in p["sections"] if s["section"] not in ("attention", "moe", "attn.core")]
     worst = sorted(leaves, key=lambda s: -s["gap_ms"])[:4]
     print("  biggest gaps to the bandwidth floor: " + ", ".join(f"{s['section']} {s['gap_ms']:.2f} ms" for s in worst))
     print(f"\nmlaserve kernel path: {res['mlaserve_kernel'] or 'not reported by this build'}")
