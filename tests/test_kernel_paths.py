@@ -37,6 +37,9 @@ def fp8_models():
     return [
         checkpoint("fp8", "fp8", dtype="bf16", fp8=True),  # partial edge blocks everywhere, MTP
         checkpoint("fp8-qnull", "tiny-qnull", dtype="bf16", fp8=True),  # q_lora_rank null
+        # 16 x 64 blocks: each head of kv_b starts on a block row, so the absorption matrices stay
+        # FP8 (W_UK transposed block by block), as with V3's 128 x 128 and 128-wide heads.
+        checkpoint("fp8-heads", "tiny", dtype="bf16", fp8=True, fp8_block=(16, 64)),
     ]
 
 
@@ -63,6 +66,9 @@ def test_fp8_native_matches_float64_dequantisation(fp8_models, tmp_path, kernel)
             extra = ("--mtp",) if has_mtp else ()
             ours, log = logits(tmp_path, kernel, m, ids, *extra)
             assert "weights=native (" in log and "fp8 " in log, "the load log reports FP8 held as FP8"
+            held = log.split("weights=native (")[1].split(")")[0]
+            # Head-aligned blocks keep kv_b's absorption matrices FP8; others dequantise them (f32).
+            assert ("f32" in held) == (m.name != "fp8-heads"), held
             ref = ds3_reference.logits(model, mtp, ids, with_mtp=has_mtp)
             assert (ours["logits"] - ref["logits"]).abs().max().item() <= 1e-4, (kernel, m.name, n)
             if has_mtp:

@@ -88,7 +88,7 @@ FP8_QUANTISED = (
 )
 
 
-def make_config(preset: str, fp8: bool = False, mtp_agrees: bool = False) -> dict:
+def make_config(preset: str, fp8: bool = False, mtp_agrees: bool = False, fp8_block=(128, 128)) -> dict:
     c = dict(PRESETS[preset])
     c.update(
         architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3",
@@ -102,7 +102,7 @@ def make_config(preset: str, fp8: bool = False, mtp_agrees: bool = False) -> dic
     )
     if fp8:
         c["quantization_config"] = dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic",
-                                        weight_block_size=[128, 128])
+                                        weight_block_size=list(fp8_block))
     if mtp_agrees:
         c["mlaserve_test_note"] = "MTP module built to agree with the main head (speculation ceiling)"
     return c
@@ -219,7 +219,7 @@ def save_checkpoint(out: str, c: dict, weights: dict, dtype=torch.bfloat16, fp8:
     tensors, exact = {}, {}
     for name, w in weights.items():
         if fp8 and is_fp8_target(name):
-            q, s, deq = quantise_fp8(w)
+            q, s, deq = quantise_fp8(w, tuple(c["quantization_config"]["weight_block_size"]))
             tensors[name] = q
             tensors[name + "_scale_inv"] = s
             exact[name] = deq
@@ -285,8 +285,8 @@ def write_tokenizer(out: str, vocab_size: int):
 
 
 def build(out: str, preset: str, seed: int = 0, dtype: str = "f32", fp8: bool = False, shards: int = 1,
-          mtp_agrees: bool = False, tokenizer: bool = True):
-    c = make_config(preset, fp8=fp8, mtp_agrees=mtp_agrees)
+          mtp_agrees: bool = False, tokenizer: bool = True, fp8_block=(128, 128)):
+    c = make_config(preset, fp8=fp8, mtp_agrees=mtp_agrees, fp8_block=fp8_block)
     w = make_weights(c, seed=seed, mtp_agrees=mtp_agrees)
     dt = torch.float32 if dtype == "f32" else torch.bfloat16
     exact = save_checkpoint(out, c, w, dtype=dt, fp8=fp8, shards=shards)

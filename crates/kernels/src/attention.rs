@@ -530,7 +530,8 @@ pub struct MlaDecode<'a> {
     /// `[rows, heads, dn]` and `[rows, heads, dr]` (rotated), f32.
     pub q_nope: &'a [f32],
     pub q_pe: &'a [f32],
-    /// `W_UK` per head transposed, `[heads, rkv, dn]`; `W_UV`, `[heads, dv, rkv]` (f32 or bf16).
+    /// `W_UK` per head transposed, `[heads, rkv, dn]`; `W_UV`, `[heads, dv, rkv]` (f32, bf16, or FP8
+    /// with each head's block-scale grid after the previous head's).
     pub w_uk_t: Weights<'a>,
     pub w_uv: Weights<'a>,
     pub cache: CacheRows<'a>,
@@ -564,7 +565,15 @@ fn per_head(
     let head_w = |h: usize| match w {
         Weights::F32(v) => Weights::F32(&v[h * n * k..(h + 1) * n * k]),
         Weights::Bf16(v) => Weights::Bf16(&v[h * n * k..(h + 1) * n * k]),
-        Weights::Fp8(_) => panic!("absorption weights are held dense"),
+        // Each head's block grid follows the previous head's (heads start on block rows).
+        Weights::Fp8(f) => {
+            let grid = n.div_ceil(f.block_n) * k.div_ceil(f.block_k);
+            Weights::Fp8(crate::Fp8 {
+                q: &f.q[h * n * k..(h + 1) * n * k],
+                scale: &f.scale[h * grid..(h + 1) * grid],
+                ..*f
+            })
+        }
     };
     // Each head's rows side by side: [heads][m, k].
     let mut xh = vec![0f32; heads * m * k];
@@ -755,7 +764,8 @@ mod tests {
         latent_attention(&p);
     }
 
-    /// The absorbed core against float64: W_UK, attention and W_UV (f32 and bf16 weights).
+    /// The absorbed core against float64: W_UK, attention and W_UV (f32, bf16 and FP8 weights, FP8
+    /// with each head's block grid after the previous head's and partial edge blocks).
     #[test]
     fn mla_decode_matches_float64() {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
@@ -773,17 +783,34 @@ mod tests {
         let (q_nope, q_pe, uk, uv) = (r(m * h * dn), r(m * h * dr), r(h * rkv * dn), r(h * dv * rkv));
         let (uk16, uv16): (Vec<u16>, Vec<u16>) =
             (uk.iter().map(|&v| bf16_bits(v)).collect(), uv.iter().map(|&v| bf16_bits(v)).collect());
+        let mut codes = |n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|_| rng.random_range(0u8..=255))
+                .map(|b| if b & 0x7F == 0x7F { 0 } else { b })
+                .collect()
+        };
+        let (uk8, uv8) = (codes(h * rkv * dn), codes(h * dv * rkv));
+        let block = (16usize, 8usize);
+        let grid = |n: usize, k: usize| n.div_ceil(block.0) * k.div_ceil(block.1);
+        let sk: Vec<f32> = (0..h * grid(rkv, dn)).map(|i| 1e-3 * (1 + i % 7) as f32).collect();
+        let sv: Vec<f32> = (0..h * grid(dv, rkv)).map(|i| 1e-3 * (1 + i % 5) as f32).collect();
+        let fp8 = |q, scale| Weights::Fp8(crate::Fp8 { q, scale, block_n: block.0, block_k: block.1 });
         for isa in crate::isa::ALL.into_iter().filter(|i| i.supported()) {
-            for bf16 in [false, true] {
-                let (wk, wv) = if bf16 {
-                    (Weights::Bf16(&uk16), Weights::Bf16(&uv16))
-                } else {
-                    (Weights::F32(&uk), Weights::F32(&uv))
+            for format in 0..3 {
+                let (wk, wv) = match format {
+                    0 => (Weights::F32(&uk), Weights::F32(&uv)),
+                    1 => (Weights::Bf16(&uk16), Weights::Bf16(&uv16)),
+                    _ => (fp8(&uk8[..], &sk[..]), fp8(&uv8[..], &sv[..])),
                 };
-                let val = |w: &Weights, i: usize| match w {
+                // Element i of a [h, n, k] weight.
+                let val = |w: &Weights, n: usize, k: usize, i: usize| match w {
                     Weights::F32(v) => v[i] as f64,
                     Weights::Bf16(v) => bf16_to_f32(v[i]) as f64,
-                    Weights::Fp8(_) => unreachable!(),
+                    Weights::Fp8(f) => {
+                        let (hd, r, c) = (i / (n * k), i % (n * k) / k, i % k);
+                        let s = f.scale[hd * grid(n, k) + r / block.0 * k.div_ceil(block.1) + c / block.1];
+                        crate::fp8::reference(f.q[i]) * s as f64
+                    }
                 };
                 // Reference: absorb in float64, attention through the float64 reference, then W_UV.
                 let mut qc = vec![0f32; m * h * w];
@@ -792,7 +819,8 @@ mod tests {
                         for i in 0..rkv {
                             let s: f64 = (0..dn)
                                 .map(|d| {
-                                    val(&wk, (hd * rkv + i) * dn + d) * q_nope[(row * h + hd) * dn + d] as f64
+                                    val(&wk, rkv, dn, (hd * rkv + i) * dn + d)
+                                        * q_nope[(row * h + hd) * dn + d] as f64
                                 })
                                 .sum();
                             qc[(row * h + hd) * w + i] = s as f32;
@@ -832,10 +860,13 @@ mod tests {
                     for hd in 0..h {
                         for v in 0..dv {
                             let want: f64 = (0..rkv)
-                                .map(|i| val(&wv, (hd * dv + v) * rkv + i) * o_lat[(row * h + hd) * rkv + i])
+                                .map(|i| {
+                                    val(&wv, dv, rkv, (hd * dv + v) * rkv + i)
+                                        * o_lat[(row * h + hd) * rkv + i]
+                                })
                                 .sum();
                             let g = got[(row * h + hd) * dv + v] as f64;
-                            assert!((g - want).abs() < 2e-5, "{isa} bf16={bf16}: {g} vs {want}");
+                            assert!((g - want).abs() < 2e-5, "{isa} format {format}: {g} vs {want}");
                         }
                     }
                 }

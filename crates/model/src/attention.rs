@@ -7,6 +7,7 @@
 
 use tch::{Device, Kind, Tensor};
 
+use crate::absorb::HeadWeights;
 use crate::batch::{BatchedGroup, SoloSeq, StepPlan};
 use crate::error::Result;
 use crate::kernels;
@@ -27,10 +28,13 @@ pub struct Mla {
     q: QProj,
     kv_a: Linear,
     kv_norm: RmsNorm,
-    /// `W_UKᵀ` `[h, rkv, dn]` and `W_UV` `[h, dv, rkv]`: the two halves of kv_b_proj, each laid out
-    /// `[out, in]` for the product it takes part in (query absorption, output absorption).
-    w_uk_t: Tensor,
-    w_uv: Tensor,
+    /// `W_UKᵀ` (`[rkv, dn]` a head) and `W_UV` (`[dv, rkv]` a head): the two halves of kv_b_proj,
+    /// each laid out `[out, in]` for the product it takes part in (query absorption, output
+    /// absorption), in the checkpoint's format (see [`HeadWeights`]).
+    w_uk_t: HeadWeights,
+    w_uv: HeadWeights,
+    /// `W_UK` `[h · dn, rkv]` as stored, when FP8: the expanded prefill's key product.
+    w_uk: Option<Weight>,
     o: Linear,
     h: i64,
     dn: i64,
@@ -78,19 +82,19 @@ impl Mla {
             ctx.matrix(&format!("{prefix}.kv_a_proj_with_mqa.weight"), &[rkv + dr, hid])?,
             row_order(1, rkv + dr),
         );
-        // kv_b is split per head into the two absorption matrices; it is held in the compute dtype
-        // (dequantised when stored as FP8: 2·h·rkv·(dn + dv) bytes a layer, not a hot read).
-        let kv_b = ctx.weight(&format!("{prefix}.kv_b_proj.weight"), &[h * (dn + dv), rkv])?.view([
-            h as i64,
-            (dn + dv) as i64,
-            rkv as i64,
-        ]);
+        // kv_b is split per head into the two absorption matrices, held as stored (FP8 stays FP8).
+        let kv_b = ctx.matrix_uncounted(&format!("{prefix}.kv_b_proj.weight"), &[h * (dn + dv), rkv])?;
+        let (w_uk_t, w_uv, w_uk) = HeadWeights::split_kv_b(kv_b, h as i64, dn as i64, dv as i64, ctx.kind);
+        for w in [Some(&w_uk_t.w), Some(&w_uv.w), w_uk.as_ref()].into_iter().flatten() {
+            ctx.count_held(w);
+        }
         Ok(Mla {
             q,
             kv_a,
             kv_norm: ctx.norm(&format!("{prefix}.kv_a_layernorm.weight"), rkv)?,
-            w_uk_t: kv_b.narrow(1, 0, dn as i64).transpose(1, 2).contiguous(),
-            w_uv: kv_b.narrow(1, dn as i64, dv as i64).contiguous(),
+            w_uk_t,
+            w_uv,
+            w_uk,
             o: Linear::from_weight(ctx.matrix(&format!("{prefix}.o_proj.weight"), &[hid, h * dv])?),
             h: h as i64,
             dn: dn as i64,
@@ -181,17 +185,15 @@ impl Mla {
         }
     }
 
-    /// Per-head `x[:, h, :] · w[h]ᵀ` for `x [n, h, in]`, `w [h, out, in]`: `[n, h, out]`.
-    fn per_head(&self, x: &Tensor, w: &Tensor) -> Tensor {
+    /// Per-head `x[:, h, :] · w[h]ᵀ` for `x [n, h, in]`: `[n, h, out]`.
+    fn per_head(&self, x: &Tensor, w: &HeadWeights) -> Tensor {
         let xh = x.transpose(0, 1).contiguous();
-        if kernels::use_for(&xh.get(0), &Weight::Dense(w.get(0))) {
-            let heads: Vec<(Tensor, Weight)> =
-                (0..self.h).map(|i| (xh.get(i), Weight::Dense(w.get(i)))).collect();
+        if kernels::use_for(&xh.get(0), &w.head(0)) {
+            let heads: Vec<(Tensor, Weight)> = (0..self.h).map(|i| (xh.get(i), w.head(i))).collect();
             let pairs: Vec<(&Tensor, &Weight)> = heads.iter().map(|(a, b)| (a, b)).collect();
             return Tensor::stack(&kernels::grouped_linear(&pairs), 1);
         }
-        let w = if w.device() == Device::Cpu { w.to_kind(xh.kind()) } else { w.shallow_clone() };
-        xh.bmm(&w.transpose(1, 2)).transpose(0, 1)
+        xh.bmm(&w.dense(xh.kind()).transpose(1, 2)).transpose(0, 1)
     }
 
     /// `q_nope [n, h, dn]` folded through `W_UK` into latent space, joined with `q_pe`: `[n, h, rkv+dr]`.
@@ -322,11 +324,11 @@ impl Mla {
             let p1 = profile::section("solo.expand");
             let c = ctx.narrow(1, 0, rkv);
             let core = ctx.kind();
-            let w_uk_t = self.w_uk_t.to_kind(core);
-            let k_nope = round_to(c.matmul(&w_uk_t), act).permute([1, 0, 2]); // [tc, h, dn]
-            let v = round_to(forward_weight(&c, &Weight::Dense(self.w_uv.view([h * dv, rkv]))), act)
-                .view([tc, h, dv])
-                .permute([1, 0, 2]);
+            let k_nope = match &self.w_uk {
+                Some(w) => round_to(forward_weight(&c, w), act).view([tc, h, dn]),
+                None => round_to(c.matmul(&self.w_uk_t.dense(core)), act).permute([1, 0, 2]),
+            }; // [tc, h, dn]
+            let v = round_to(forward_weight(&c, &self.w_uv.w), act).view([tc, h, dv]).permute([1, 0, 2]);
             let k_pe = ctx.narrow(1, rkv, dr).unsqueeze(1).expand([tc, h, dr], false);
             let k = Tensor::cat(&[k_nope, k_pe], 2).permute([1, 2, 0]); // [h, dn+dr, tc]
             let q = Tensor::cat(&[q_nope.to_kind(core), q_pe.to_kind(core)], 2).transpose(0, 1); // [h, n, dn+dr]

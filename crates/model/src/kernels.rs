@@ -12,6 +12,7 @@ use tch::{Device, Kind, Tensor};
 pub use mlaserve_kernels::isa::{self, Isa};
 pub use mlaserve_kernels::pool;
 
+use crate::absorb::HeadWeights;
 use crate::linear::Weight;
 
 /// The elements of a contiguous CPU tensor of the matching kind.
@@ -241,13 +242,14 @@ pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Option<Tensor> {
 
 /// The absorbed decode core (`mlaserve_kernels::attention::mla_decode`) for `q_nope [n, h, dn]`,
 /// `q_pe [n, h, dr]` over `cache [slots, rkv + dr]` (f32 or bf16) for `seqs`, with the absorption
-/// matrices `w_uk_t [h, rkv, dn]`, `w_uv [h, dv, rkv]`: `[n, h, dv]` in f32. bf16 activations round
-/// the absorbed query and `o_lat` to bf16, as the tensor form does.
+/// matrices `W_UKᵀ` (`[rkv, dn]` a head) and `W_UV` (`[dv, rkv]` a head) in any format the kernels
+/// read: `[n, h, dv]` in f32. bf16 activations round the absorbed query and `o_lat` to bf16, as the
+/// tensor form does.
 pub(crate) fn mla_decode(
     q_nope: &Tensor,
     q_pe: &Tensor,
     cache: &Tensor,
-    (w_uk_t, w_uv): (&Tensor, &Tensor),
+    (w_uk_t, w_uv): (&HeadWeights, &HeadWeights),
     seqs: &[crate::batch::PagedSeq],
     scale: f64,
 ) -> Tensor {
@@ -255,25 +257,20 @@ pub(crate) fn mla_decode(
     let round_bf16 = q_nope.kind() == Kind::BFloat16;
     let (qn, qp) = (q_nope.to_kind(Kind::Float).contiguous(), q_pe.to_kind(Kind::Float).contiguous());
     let (n, h, dn) = (qn.size()[0], qn.size()[1], qn.size()[2]);
-    let (dr, rkv, dv) = (qp.size()[2], w_uk_t.size()[1], w_uv.size()[1]);
+    let (dr, rkv, dv) = (qp.size()[2], w_uk_t.out, w_uv.out);
     assert_eq!(cache.size()[1], rkv + dr, "cache rows and queries differ in width");
+    assert!(w_uk_t.heads == h && w_uv.heads == h, "absorption matrices for {h} heads");
     let rows = match cache.kind() {
         Kind::BFloat16 => CacheRows::Bf16(elems(cache, Kind::BFloat16)),
         _ => CacheRows::F32(elems(cache, Kind::Float)),
     };
-    fn dense(t: &Tensor) -> Weights<'_> {
-        match t.kind() {
-            Kind::BFloat16 => Weights::Bf16(elems(t, Kind::BFloat16)),
-            _ => Weights::F32(elems(t, Kind::Float)),
-        }
-    }
     let keys: Vec<SeqKeys> =
         seqs.iter().map(|s| SeqKeys { row: s.row, new: s.new, cached: s.cached, slots: &s.slots }).collect();
     let o = mlaserve_kernels::attention::mla_decode(&MlaDecode {
         q_nope: elems(&qn, Kind::Float),
         q_pe: elems(&qp, Kind::Float),
-        w_uk_t: dense(w_uk_t),
-        w_uv: dense(w_uv),
+        w_uk_t: weights_of(&w_uk_t.w),
+        w_uv: weights_of(&w_uv.w),
         cache: rows,
         heads: h as usize,
         dn: dn as usize,

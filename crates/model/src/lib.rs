@@ -2,6 +2,7 @@
 //! paged latent cache, DeepSeekMoE, the MTP module and token sampling. No networking: workers drive
 //! [`Model`] step by step through [`StepPlan`]s.
 
+pub mod absorb;
 pub mod attention;
 pub mod batch;
 pub mod cache;

@@ -80,6 +80,14 @@ impl LoadCtx<'_> {
     /// compute dtype, so no weight is held wider than it is stored or computed. `bf16` / `f32`
     /// convert.
     pub fn matrix(&self, name: &str, shape: &[usize]) -> Result<Weight> {
+        let w = self.matrix_uncounted(name, shape)?;
+        self.count_held(&w);
+        Ok(w)
+    }
+
+    /// [`LoadCtx::matrix`] without adding it to the load report (for a weight that is reshaped
+    /// first, whose parts are counted with [`LoadCtx::count_held`]).
+    pub fn matrix_uncounted(&self, name: &str, shape: &[usize]) -> Result<Weight> {
         let on_cpu = self.device == Device::Cpu;
         let w = match self.weights {
             WeightFormat::Native => match self.ck.load_native(name, shape)? {
@@ -91,15 +99,18 @@ impl LoadCtx<'_> {
             WeightFormat::Bf16 => Weight::Dense(self.ck.load_shaped(name, shape, Kind::BFloat16)?),
             WeightFormat::F32 => Weight::Dense(self.ck.load_shaped(name, shape, Kind::Float)?),
         };
-        let w = w.to_device(self.device);
-        let label = match &w {
+        Ok(w.to_device(self.device))
+    }
+
+    /// Adds a held matrix weight to the load report, by format.
+    pub fn count_held(&self, w: &Weight) {
+        let label = match w {
             Weight::Fp8 { .. } => "fp8",
             Weight::Dense(t) if t.kind() == Kind::BFloat16 => "bf16",
             Weight::Dense(t) if t.kind() == Kind::Float => "f32",
             Weight::Dense(_) => "other",
         };
         *self.held.borrow_mut().entry(label).or_default() += w.bytes() as u64;
-        Ok(w)
     }
 
     /// A weight kept in fp32 whatever the compute precision (router gate and correction bias).
