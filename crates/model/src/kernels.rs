@@ -66,16 +66,17 @@ fn weights_of(w: &Weight) -> Weights<'_> {
 /// Several independent `x_i · w_iᵀ` in one parallel region (each pair passes [`use_for`]).
 pub fn grouped_linear(pairs: &[(&Tensor, &Weight)]) -> Vec<Tensor> {
     let xs: Vec<Tensor> = pairs.iter().map(|(x, _)| x.contiguous()).collect();
-    // bf16 activations are exactly bf16: the kernels may multiply them as such (vdpbf16ps). Their
-    // f32 values are widened here and the outputs rounded back here (a shift, a rounding), not by
-    // a libtorch op each: two ops of ~3 µs per product, ~37 products per decode step.
+    // bf16 activations are exactly bf16: the kernels may multiply them as such (vdpbf16ps). Small
+    // ones (decode) are widened to f32 here and their outputs rounded back here, not by a libtorch
+    // op each (~3 µs, two per product, ~37 products a decode step); large ones by libtorch, whose
+    // vectorised conversion beats this loop (~1-2 ns an element) on a prefill chunk.
+    let here = |t: &Tensor| t.kind() == Kind::BFloat16 && t.numel() <= HOST_CONVERT_MAX;
     let widened: Vec<Option<Vec<f32>>> = xs
         .iter()
-        .map(|x| {
-            (x.kind() == Kind::BFloat16)
-                .then(|| elems::<u16>(x, Kind::BFloat16).iter().map(|&b| bf16_to_f32(b)).collect())
-        })
+        .map(|x| here(x).then(|| elems::<u16>(x, Kind::BFloat16).iter().map(|&b| bf16_to_f32(b)).collect()))
         .collect();
+    let f32s: Vec<Option<Tensor>> =
+        xs.iter().map(|x| (!here(x)).then(|| x.to_kind(Kind::Float).contiguous())).collect();
     let shapes: Vec<(usize, usize, usize)> = pairs
         .iter()
         .map(|(x, w)| {
@@ -98,12 +99,16 @@ pub fn grouped_linear(pairs: &[(&Tensor, &Weight)]) -> Vec<Tensor> {
         .collect();
     let problems: Vec<Problem> = xs
         .iter()
-        .zip(&widened)
+        .zip(widened.iter().zip(&f32s))
         .zip(pairs)
         .zip(&shapes)
-        .map(|(((x, wide), (_, w)), &(m, n, k))| Problem {
-            x: wide.as_deref().unwrap_or_else(|| elems(x, Kind::Float)),
-            x_bf16: wide.is_some().then(|| elems::<u16>(x, Kind::BFloat16)),
+        .map(|(((x, (wide, xf)), (_, w)), &(m, n, k))| Problem {
+            x: match (wide, xf) {
+                (Some(v), _) => v,
+                (None, Some(t)) => elems(t, Kind::Float),
+                (None, None) => unreachable!("one of the two is made"),
+            },
+            x_bf16: (x.kind() == Kind::BFloat16).then(|| elems::<u16>(x, Kind::BFloat16)),
             w: weights_of(w),
             m,
             n,
@@ -114,10 +119,11 @@ pub fn grouped_linear(pairs: &[(&Tensor, &Weight)]) -> Vec<Tensor> {
     drop(problems);
     outs.into_iter()
         .zip(views)
-        .zip(&widened)
-        .map(|((o, v), wide)| match wide {
-            None => o,
-            Some(_) => {
+        .zip(&xs)
+        .map(|((o, v), x)| match x.kind() {
+            Kind::Float => o,
+            kind if o.numel() > HOST_CONVERT_MAX => o.to_kind(kind),
+            _ => {
                 let b = Tensor::empty(o.size(), (Kind::BFloat16, Device::Cpu));
                 // SAFETY: a fresh contiguous bf16 tensor with as many elements as `v`, viewed once.
                 let bits = unsafe { std::slice::from_raw_parts_mut(b.data_ptr() as *mut u16, v.len()) };
@@ -129,6 +135,9 @@ pub fn grouped_linear(pairs: &[(&Tensor, &Weight)]) -> Vec<Tensor> {
         })
         .collect()
 }
+
+/// Elements of a bf16 activation up to which [`grouped_linear`] converts it itself.
+const HOST_CONVERT_MAX: usize = 8192;
 
 /// One active expert for [`routed_experts`]: its tokens, their routing weights, its gate/up
 /// matrices (one or two) and its down matrix.
