@@ -116,29 +116,49 @@ unsafe fn tile<F: Fmt, const R: usize, const C: usize>(c: &Cols, w: *const F::E,
                 }
             }
         }
-        if F::SCALED {
-            for (r, (trow, arow)) in total.iter_mut().zip(&acc).enumerate() {
-                let s = _mm512_set1_ps(rs[r].at(kb).unwrap_or(1.0));
-                for (t, a) in trow.iter_mut().zip(arow) {
-                    *t = _mm512_fmadd_ps(*a, s, *t);
-                }
-            }
-        } else {
-            total = acc;
-        }
+        fold_block(&mut total, &acc, &rs, kb, F::SCALED);
         k0 = k1;
         kb += 1;
     }
+    store_tile(c, &total, n, m);
+}
+
+/// Adds one reduction block's partial sums into a tile's totals, scaled by each row's block scale
+/// (FP8); unscaled weights have a single block, whose sums are the totals.
+#[inline(always)]
+unsafe fn fold_block<const R: usize, const C: usize>(
+    total: &mut [[__m512; C]; R],
+    acc: &[[__m512; C]; R],
+    rs: &[RowScales; R],
+    kb: usize,
+    scaled: bool,
+) {
+    if !scaled {
+        *total = *acc;
+        return;
+    }
+    for (r, (trow, arow)) in total.iter_mut().zip(acc).enumerate() {
+        let s = _mm512_set1_ps(rs[r].at(kb).unwrap_or(1.0));
+        for (t, a) in trow.iter_mut().zip(arow) {
+            *t = _mm512_fmadd_ps(*a, s, *t);
+        }
+    }
+}
+
+/// Writes a tile's totals (weight rows `n..n + R` × input rows `m..m + C`), each summed across
+/// its lanes.
+#[inline(always)]
+unsafe fn store_tile<const R: usize, const C: usize>(c: &Cols, total: &[[__m512; C]; R], n: usize, m: usize) {
     for (r, row) in total.iter().enumerate() {
         for (j, t) in row.iter().enumerate() {
-            *c.out.add((m + j) * p.n + n + r) = _mm512_reduce_add_ps(*t);
+            *c.out.add((m + j) * c.p.n + n + r) = _mm512_reduce_add_ps(*t);
         }
     }
 }
 
 /// Prefetches the first [`PF`] bytes of a task's weights at once: the streaming loops prefetch
-/// `PF` ahead of where they read, which leaves a task's first `PF` bytes to demand misses — an
-/// eighth of a 32 KiB task (the routed experts' tasks at decode).
+/// `PF` ahead of where they read, which leaves each task's first `PF` bytes to demand misses (a
+/// real share of a 256 KiB expert matrix at decode).
 #[inline(always)]
 unsafe fn lead_in<T>(w: *const T, len: usize) {
     let p = w as *const i8;
@@ -327,24 +347,11 @@ unsafe fn tile_dp_scaled<const SCALED: bool, const R: usize, const C: usize>(
             }
             kk += 32;
         }
-        if SCALED {
-            for (r, (trow, arow)) in total.iter_mut().zip(&acc).enumerate() {
-                let s = _mm512_set1_ps(rs[r].at(kb).unwrap_or(1.0));
-                for (t, a) in trow.iter_mut().zip(arow) {
-                    *t = _mm512_fmadd_ps(*a, s, *t);
-                }
-            }
-        } else {
-            total = acc;
-        }
+        fold_block(&mut total, &acc, &rs, kb, SCALED);
         k0 = k1;
         kb += 1;
     }
-    for (r, row) in total.iter().enumerate() {
-        for (j, t) in row.iter().enumerate() {
-            *c.out.add((m + j) * p.n + n + r) = _mm512_reduce_add_ps(*t);
-        }
-    }
+    store_tile(c, &total, n, m);
 }
 
 /// 32 bf16 bit patterns as the `vdpbf16ps` operand type.
