@@ -55,6 +55,7 @@ gpu-bundle: build-cuda
 
 test: build build-cuda
 	cargo test --release --locked --workspace
+	tools/aarch64-cross.sh test
 	cargo test --release --locked -p mlaserve-model --features cuda --lib nccl::
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
@@ -77,6 +78,12 @@ bench-model: build
 
 # mlaserve next to llama.cpp (built from the PyPI sdist llama-cpp-python, cached in $(CACHE)) on the
 # same weights, this machine's CPU: every figure as a ratio, the bandwidth floor, the profile.
+# The NEON kernel path, cross-built for aarch64 and checked under qemu-user (skipped, with a
+# message, where tools/aarch64-cross.sh install has not been run).
+.PHONY: test-aarch64
+test-aarch64:
+	tools/aarch64-cross.sh test
+
 .PHONY: bench-cpu
 bench-cpu: build
 	$(PY) benches/vs_llamacpp.py --bin $(BIN) $(ARGS)

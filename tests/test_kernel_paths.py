@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import ds3_reference
 from conftest import checkpoint, ids_arg, mlaserve, reference
 
-PATHS = ["avx512bf16", "avx512", "avx2", "portable"]
+PATHS = ["avx512bf16", "avx512", "avx2", "neon", "portable"]
 
 
 def prompt(seed, n, vocab):

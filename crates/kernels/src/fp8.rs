@@ -5,6 +5,8 @@
 //! divided by 2⁸ exactly — normal and subnormal numbers alike, since f16 has the wider exponent
 //! range — so the 2⁸ is folded into the block scale. The two NaN codes (never in a checkpoint) read
 //! as ±480 instead. The scalar paths use the same formula, so every path reads the same numbers.
+//! NEON (no f16 converter on stable Rust) places the bits into an f32 and scales by 2¹¹², which
+//! gives the same value / 2⁸ exactly; AVX512_VBMI looks the bf16 bits up in [`BF16_HI`]/[`BF16_LO`].
 
 /// The factor by which [`f16_bits`]' value undershoots the e4m3 value.
 pub const F16_UNDERSHOOT: f32 = 256.0;

@@ -1,7 +1,7 @@
 //! The instruction set the kernels use, chosen once at start-up.
 //!
 //! Detection picks the best path the CPU has; `MLASERVE_KERNEL` (`auto`, `avx512bf16`, `avx512`,
-//! `avx2`, `portable`) forces one for tests and benchmarks, and naming a path the CPU lacks is an
+//! `avx2`, `neon`, `portable`) forces one for tests and benchmarks, and naming a path the CPU lacks is an
 //! error rather than a silent fallback.
 
 use std::fmt;
@@ -19,19 +19,21 @@ pub enum Isa {
     Avx512,
     /// AVX2 + FMA + F16C (8 lanes).
     Avx2,
+    /// aarch64 NEON (4 lanes).
+    Neon,
     /// Plain Rust, any CPU.
     Portable,
 }
 
 /// Every path, best first.
-pub const ALL: [Isa; 4] = [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Portable];
+pub const ALL: [Isa; 5] = [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Neon, Isa::Portable];
 
 /// The environment variable that forces a path.
 pub const ENV: &str = "MLASERVE_KERNEL";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IsaError {
-    #[error("{ENV}={0:?} is not a kernel path (auto, avx512bf16, avx512, avx2, portable)")]
+    #[error("{ENV}={0:?} is not a kernel path (auto, avx512bf16, avx512, avx2, neon, portable)")]
     Unknown(String),
     #[error("{ENV}={0}: this CPU lacks it (it has {1})")]
     Unsupported(Isa, Isa),
@@ -43,6 +45,7 @@ impl Isa {
             Isa::Avx512Bf16 => "avx512bf16",
             Isa::Avx512 => "avx512",
             Isa::Avx2 => "avx2",
+            Isa::Neon => "neon",
             Isa::Portable => "portable",
         }
     }
@@ -62,10 +65,19 @@ impl Isa {
                 Isa::Avx512Bf16 => avx512 && has!("avx512bf16") && has!("avx512vbmi"),
                 Isa::Avx512 => avx512,
                 Isa::Avx2 => avx2,
+                Isa::Neon => false,
                 Isa::Portable => true,
             }
         }
-        #[cfg(not(target_arch = "x86_64"))]
+        #[cfg(target_arch = "aarch64")]
+        {
+            match self {
+                Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+                Isa::Portable => true,
+                _ => false,
+            }
+        }
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         {
             self == Isa::Portable
         }
@@ -115,7 +127,7 @@ pub fn selected() -> Isa {
     })
 }
 
-/// The x86 features of this CPU that matter to the kernels, for logs and benchmarks.
+/// The features of this CPU that matter to the kernels, for logs and benchmarks.
 pub fn cpu_features() -> String {
     #[cfg(target_arch = "x86_64")]
     {
@@ -133,7 +145,21 @@ pub fn cpu_features() -> String {
         ];
         list.iter().filter(|(_, on)| *on).map(|(n, _)| *n).collect::<Vec<_>>().join(" ")
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "aarch64")]
+    {
+        use std::arch::is_aarch64_feature_detected as has;
+        let list = [
+            ("neon", has!("neon")),
+            ("fp16", has!("fp16")),
+            ("bf16", has!("bf16")),
+            ("dotprod", has!("dotprod")),
+            ("i8mm", has!("i8mm")),
+            ("sve", has!("sve")),
+        ];
+        let on: Vec<&str> = list.iter().filter(|(_, on)| *on).map(|(n, _)| *n).collect();
+        format!("aarch64 {}", on.join(" "))
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
         std::env::consts::ARCH.to_string()
     }

