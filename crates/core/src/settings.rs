@@ -49,7 +49,8 @@ pub struct RouterSettings {
     pub max_running: usize,
     /// Requests waiting for admission; beyond it RESOURCE_EXHAUSTED.
     pub max_queue: usize,
-    /// Steps in flight at once; 0 = one per pipeline stage.
+    /// Steps in flight at once; 0 = one per pipeline stage (`mlaserve serve`, whose stages share
+    /// one machine's cores: one at a time).
     pub max_steps_in_flight: usize,
     /// Largest `max_new_tokens` a request may ask for (also bounded by the context and the cache
     /// pool); the default covers long reasoning traces.

@@ -135,6 +135,15 @@ pub async fn connect(addr: &str, tls: &ClientTls, connect_timeout: Duration) -> 
     ep.connect().await.map_err(|e| Status::unavailable(format!("cannot reach stage {addr}: {e}")))
 }
 
+/// A gRPC server's accepted connections with `TCP_NODELAY`. tonic ignores `Server::tcp_nodelay`
+/// under `serve_with_incoming` (as its docs say), and without it a small reply (a stage's sampled
+/// tokens, a streamed token) waits on Nagle's algorithm for the peer's delayed ACK: measured on
+/// the 2-stage loopback pipeline, the last stage's reply took 225 µs at the median and 29.7 ms at
+/// p90, up to 40 ms.
+pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 /// Server TLS from PEM files; with `client_ca` clients must present a certificate chaining to it.
 pub fn server_tls(cert: &str, key: &str, client_ca: &str) -> Result<Option<ServerTlsConfig>, String> {
     if cert.is_empty() {

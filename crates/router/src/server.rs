@@ -8,7 +8,6 @@ use std::sync::Arc;
 use mlaserve_core::ModelConfig;
 use mlaserve_proto::v1::generation_server::GenerationServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
 use crate::auth::{remap_oversize, BearerAuth};
@@ -95,7 +94,7 @@ pub async fn serve(
     let service = tonic::service::interceptor::InterceptedService::new(service, move |r| auth.check(r));
     let (refl_v1, refl_v1alpha) = mlaserve_proto::reflection_services();
     let mut stopping = stop_rx.clone();
-    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = opts.server_tls.clone() {
         builder =
             builder.tls_config(tls).map_err(|e| RouterError::Server(format!("TLS configuration: {e}")))?;
@@ -106,7 +105,7 @@ pub async fn serve(
         .add_service(refl_v1)
         .add_service(refl_v1alpha)
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(mlaserve_proto::transport::incoming(listener), async move {
             let _ = stopping.wait_for(|s| *s).await;
         });
     tokio::pin!(server);

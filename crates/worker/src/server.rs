@@ -12,7 +12,6 @@ use mlaserve_proto::internal::v1::stage_server::StageServer;
 use mlaserve_proto::internal::v1::StageInfo;
 use tch::Device;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::compute::Compute;
 use crate::error::StageError;
@@ -203,7 +202,7 @@ pub async fn serve(
     let auth = mlaserve_proto::auth::BearerAuth::new(opts.downstream_tls.stage_token.clone());
     let service = tonic::service::interceptor::InterceptedService::new(service, move |r| auth.check(r));
     let (refl_v1, refl_v1alpha) = mlaserve_proto::reflection_services();
-    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = opts.server_tls.clone() {
         builder =
             builder.tls_config(tls).map_err(|e| StageError::internal(format!("TLS configuration: {e}")))?;
@@ -213,7 +212,7 @@ pub async fn serve(
         .add_service(refl_v1)
         .add_service(refl_v1alpha)
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+        .serve_with_incoming_shutdown(mlaserve_proto::transport::incoming(listener), shutdown);
     let server = tokio::spawn(server);
 
     let load_opts = opts.clone();

@@ -48,7 +48,8 @@ pub struct Limits {
     /// max_new_tokens when a request leaves it unset [default 256].
     #[arg(long)]
     pub default_max_new_tokens: Option<usize>,
-    /// Steps in flight at once, 0 = one per stage [default 0].
+    /// Steps in flight at once, 0 = one per stage (`serve`: one at a time, its stages share the
+    /// cores) [default 0].
     #[arg(long)]
     pub max_steps_in_flight: Option<usize>,
     /// Name reported by ModelInfo and telemetry [default: the model directory's name].

@@ -125,7 +125,16 @@ pub async fn serve(
         Some(cfg) => {
             axum::serve(tls::TlsListener::new(listener, cfg), app).with_graceful_shutdown(shutdown).await
         }
-        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
+        None => {
+            // Streamed chunks are small writes: without TCP_NODELAY each waits on the client's
+            // delayed ACK (axum 0.8 leaves it to the listener).
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!("TCP_NODELAY: {e}");
+                }
+            });
+            axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+        }
     }
 }
 

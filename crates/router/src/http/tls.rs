@@ -51,6 +51,10 @@ impl TlsListener {
                         continue;
                     }
                 };
+                // Small streamed writes must not wait on delayed ACKs (see `super::serve`).
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(%addr, "TCP_NODELAY: {e}");
+                }
                 let (acc, out) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acc.accept(tcp)).await {
