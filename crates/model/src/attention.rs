@@ -280,15 +280,18 @@ impl Mla {
         // libtorch thread costs its wake-up on every op and saves nothing.
         let _threads =
             kernels::LibtorchThreads::widen(cache.device() == Device::Cpu && h * n * tc >= 1 << 20);
-        let ctx = cache.index_select(0, &s.ctx_slots).to_kind(self.core_kind(act));
+        let rows = cache.index_select(0, &s.ctx_slots);
+        // Expanded on the CPU: the kernels take the latent rows in the activations' precision.
+        let on_kernels = cache.device() == Device::Cpu && act != Kind::Double;
         // Multiply-adds of each form (see the model notes on the absorbed/expanded trade-off).
         let absorbed = h * n * (dn + dv) * rkv + h * n * tc * (2 * rkv + dr);
         let expanded = tc * rkv * h * (dn + dv) + h * n * tc * (dn + dr + dv);
         let tile = (SCORE_TILE_ELEMS / (h * tc)).clamp(1, n);
-        let key_pos = Tensor::arange(tc, (Kind::Int64, ctx.device()));
+        let key_pos = Tensor::arange(tc, (Kind::Int64, cache.device()));
         let mask_for = |q0: i64, len: i64| {
             // Query i (absolute cache index cached + q0 + i) sees keys 0..=cached + q0 + i.
-            let q_pos = Tensor::arange_start(s.cached + q0, s.cached + q0 + len, (Kind::Int64, ctx.device()));
+            let q_pos =
+                Tensor::arange_start(s.cached + q0, s.cached + q0 + len, (Kind::Int64, cache.device()));
             key_pos.unsqueeze(0).gt_tensor(&q_pos.unsqueeze(1))
         };
         let mut outs = Vec::new();
@@ -298,6 +301,7 @@ impl Mla {
             PrefillForm::Expanded => false,
         };
         if use_absorbed {
+            let ctx = rows.to_kind(self.core_kind(act));
             let qc = self.absorb_query(q_nope, q_pe);
             let kt = ctx.transpose(0, 1);
             let c = ctx.narrow(1, 0, rkv);
@@ -320,7 +324,10 @@ impl Mla {
                 outs.push(self.absorb_output(&o_lat));
                 q0 += len;
             }
+        } else if on_kernels {
+            self.expanded_on_kernels(s, q_nope, q_pe, &rows, tile, &mut outs);
         } else {
+            let ctx = rows.to_kind(self.core_kind(act));
             let p1 = profile::section("solo.expand");
             let c = ctx.narrow(1, 0, rkv);
             let core = ctx.kind();
@@ -358,6 +365,83 @@ impl Mla {
             }
         }
         Tensor::cat(&outs, 0).to_kind(q_nope.kind())
+    }
+
+    /// The expanded form on the CPU: keys and values expanded from the latent rows by the kernels
+    /// in the activations' precision (each product rounded once, as the f32 form's `round_to`),
+    /// then per head the score and value products. Pushes `[len, h, dv]` per query tile onto
+    /// `outs`.
+    fn expanded_on_kernels(
+        &self,
+        s: &SoloSeq,
+        q_nope: &Tensor,
+        q_pe: &Tensor,
+        rows: &Tensor,
+        tile: i64,
+        outs: &mut Vec<Tensor>,
+    ) {
+        let (n, tc, h, rkv, dn, dr, dv) =
+            (s.new, s.cached + s.new, self.h, self.rkv, self.dn, self.dr, self.dv);
+        let act = q_nope.kind();
+        let kind = if act == Kind::BFloat16 { Kind::BFloat16 } else { Kind::Float };
+        let p1 = profile::section("solo.expand");
+        let lat = rows.to_kind(kind);
+        let c = lat.narrow(1, 0, rkv);
+        // Products in `kind` round their outputs as `round_to(.., act)` of the f32 form does.
+        let k_nope = match &self.w_uk {
+            Some(w) => forward_weight(&c, w).view([tc, h, dn]),
+            None => c.matmul(&self.w_uk_t.dense(kind)).permute([1, 0, 2]),
+        };
+        let k_pe = lat.narrow(1, rkv, dr).unsqueeze(1).expand([tc, h, dr], false);
+        let keys = Tensor::cat(&[k_nope, k_pe], 2).transpose(0, 1).contiguous(); // [h, tc, dn+dr]
+        let vt = forward_weight(&c, &self.w_uv.w).view([tc, h, dv]).permute([1, 2, 0]).contiguous(); // [h, dv, tc]
+        let q = Tensor::cat(&[q_nope, q_pe], 2).to_kind(kind).transpose(0, 1).contiguous(); // [h, n, dn+dr]
+                                                                                            // bf16: the score and value products through libtorch's bf16 `bmm` (oneDNN), whose output
+                                                                                            // rounding is the f32 form's `round_to`: measured 2-3x the kernels on these shapes, whose
+                                                                                            // reduction (dn + dr = 192 for scores) is too short for the kernels' tiles. f32: the
+                                                                                            // kernels, exact.
+        let bf16 = kind == Kind::BFloat16;
+        let (kw, vw): (Vec<Weight>, Vec<Weight>) = if bf16 {
+            kernels::pool::global().rest();
+            (Vec::new(), Vec::new())
+        } else {
+            (0..h).map(|i| (Weight::Dense(keys.get(i)), Weight::Dense(vt.get(i)))).unzip()
+        };
+        drop(p1);
+        let mut q0 = 0;
+        while q0 < n {
+            let len = tile.min(n - q0);
+            let p1 = profile::section("solo.scores");
+            let scores = if bf16 {
+                q.narrow(1, q0, len).bmm(&keys.transpose(1, 2)).to_kind(Kind::Float)
+            } else {
+                let qs: Vec<Tensor> = (0..h).map(|i| q.get(i).narrow(0, q0, len)).collect();
+                let pairs: Vec<(&Tensor, &Weight)> = qs.iter().zip(&kw).collect();
+                let scores = Tensor::empty([h, len, tc], (Kind::Float, Device::Cpu));
+                kernels::grouped_linear_into(&pairs, &scores);
+                scores
+            };
+            drop(p1);
+            let p1 = profile::section("solo.softmax");
+            // Rows are (head, query): query i sees keys 0..=cached + q0 + i.
+            let (base, per_head) = ((s.cached + q0) as usize, len as usize);
+            let visible = move |row: usize| base + row % per_head + 1;
+            let no_mask = || unreachable!("the CPU softmax takes `visible`");
+            let p = self.probabilities(scores, &visible, act, no_mask, [h, len, tc]).to_kind(kind);
+            drop(p1);
+            let _p1 = profile::section("solo.pv");
+            let o = if bf16 {
+                p.bmm(&vt.transpose(1, 2)).to_kind(Kind::Float)
+            } else {
+                let ps: Vec<Tensor> = (0..h).map(|i| p.get(i)).collect();
+                let pairs: Vec<(&Tensor, &Weight)> = ps.iter().zip(&vw).collect();
+                let o = Tensor::empty([h, len, dv], (Kind::Float, Device::Cpu));
+                kernels::grouped_linear_into(&pairs, &o);
+                o
+            };
+            outs.push(round_to(o, act).transpose(0, 1));
+            q0 += len;
+        }
     }
 }
 

@@ -44,9 +44,14 @@ pub fn use_for(x: &Tensor, w: &Weight) -> bool {
         && matches!(x.kind(), Kind::BFloat16 | Kind::Float)
 }
 
-/// `x · wᵀ`; the result has `x`'s dtype.
+/// `x · wᵀ`; the result has `x`'s dtype. A prefill-sized bf16 product runs on the kernels or
+/// libtorch, whichever measured faster for its shape ([`crate::gemm_choice`]).
 pub fn linear(x: &Tensor, w: &Weight) -> Tensor {
-    grouped_linear(&[(x, w)]).pop().expect("one product")
+    let on_kernels = || grouped_linear(&[(x, w)]).pop().expect("one product");
+    if crate::gemm_choice::candidate(x, w) {
+        return crate::gemm_choice::linear(x, w, on_kernels);
+    }
+    on_kernels()
 }
 
 /// The kernels' view of a weight.
@@ -66,29 +71,9 @@ fn weights_of(w: &Weight) -> Weights<'_> {
 /// Several independent `x_i · w_iᵀ` in one parallel region (each pair passes [`use_for`]).
 pub fn grouped_linear(pairs: &[(&Tensor, &Weight)]) -> Vec<Tensor> {
     let xs: Vec<Tensor> = pairs.iter().map(|(x, _)| x.contiguous()).collect();
-    // bf16 activations are exactly bf16: the kernels may multiply them as such (vdpbf16ps). Small
-    // ones (decode) are widened to f32 here and their outputs rounded back here, not by a libtorch
-    // op each (~3 µs, two per product, ~37 products a decode step); large ones by libtorch, whose
-    // vectorised conversion beats this loop (~1-2 ns an element) on a prefill chunk.
-    let here = |t: &Tensor| t.kind() == Kind::BFloat16 && t.numel() <= HOST_CONVERT_MAX;
-    let widened: Vec<Option<Vec<f32>>> = xs
+    let outs: Vec<Tensor> = pairs
         .iter()
-        .map(|x| here(x).then(|| elems::<u16>(x, Kind::BFloat16).iter().map(|&b| bf16_to_f32(b)).collect()))
-        .collect();
-    let f32s: Vec<Option<Tensor>> =
-        xs.iter().map(|x| (!here(x)).then(|| x.to_kind(Kind::Float).contiguous())).collect();
-    let shapes: Vec<(usize, usize, usize)> = pairs
-        .iter()
-        .map(|(x, w)| {
-            let s = w.size();
-            let (n, k) = (s[0] as usize, s[1] as usize);
-            assert_eq!(x.size()[1] as usize, k, "inner dimensions differ");
-            (x.size()[0] as usize, n, k)
-        })
-        .collect();
-    let outs: Vec<Tensor> = shapes
-        .iter()
-        .map(|&(m, n, _)| Tensor::empty([m as i64, n as i64], (Kind::Float, Device::Cpu)))
+        .map(|(x, w)| Tensor::empty([x.size()[0], w.size()[0]], (Kind::Float, Device::Cpu)))
         .collect();
     let mut views: Vec<&mut [f32]> = outs
         .iter()
@@ -97,26 +82,7 @@ pub fn grouped_linear(pairs: &[(&Tensor, &Weight)]) -> Vec<Tensor> {
             unsafe { std::slice::from_raw_parts_mut(o.data_ptr() as *mut f32, o.numel()) }
         })
         .collect();
-    let problems: Vec<Problem> = xs
-        .iter()
-        .zip(widened.iter().zip(&f32s))
-        .zip(pairs)
-        .zip(&shapes)
-        .map(|(((x, (wide, xf)), (_, w)), &(m, n, k))| Problem {
-            x: match (wide, xf) {
-                (Some(v), _) => v,
-                (None, Some(t)) => elems(t, Kind::Float),
-                (None, None) => unreachable!("one of the two is made"),
-            },
-            x_bf16: (x.kind() == Kind::BFloat16).then(|| elems::<u16>(x, Kind::BFloat16)),
-            w: weights_of(w),
-            m,
-            n,
-            k,
-        })
-        .collect();
-    mlaserve_kernels::grouped_gemm_into(&problems, &mut views);
-    drop(problems);
+    run_into(&xs, pairs, &mut views);
     outs.into_iter()
         .zip(views)
         .zip(&xs)
@@ -134,6 +100,60 @@ pub fn grouped_linear(pairs: &[(&Tensor, &Weight)]) -> Vec<Tensor> {
             }
         })
         .collect()
+}
+
+/// [`grouped_linear`] of `pairs` that all give `[m, n]`, written unrounded (f32) into the
+/// consecutive `[m, n]` blocks of `out` (contiguous f32, `pairs.len() · m · n` elements): per-head
+/// attention products land in one `[heads, m, n]` tensor without a copy.
+pub fn grouped_linear_into(pairs: &[(&Tensor, &Weight)], out: &Tensor) {
+    assert!(out.kind() == Kind::Float && out.is_contiguous() && out.device() == Device::Cpu);
+    let xs: Vec<Tensor> = pairs.iter().map(|(x, _)| x.contiguous()).collect();
+    let per = pairs.first().map(|(x, w)| (x.size()[0] * w.size()[0]) as usize).unwrap_or(0);
+    assert!(pairs.iter().all(|(x, w)| (x.size()[0] * w.size()[0]) as usize == per));
+    assert_eq!(out.numel(), per * pairs.len(), "output holds every product");
+    // SAFETY: a contiguous f32 CPU tensor, split into disjoint blocks, alive for the call.
+    let all = unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, out.numel()) };
+    let mut views: Vec<&mut [f32]> = if per == 0 { Vec::new() } else { all.chunks_mut(per).collect() };
+    views.resize_with(pairs.len(), || &mut []);
+    run_into(&xs, pairs, &mut views);
+}
+
+/// The products of `pairs` (with `xs` their contiguous activations) into f32 `views`.
+fn run_into(xs: &[Tensor], pairs: &[(&Tensor, &Weight)], views: &mut [&mut [f32]]) {
+    // bf16 activations are exactly bf16: the kernels may multiply them as such (vdpbf16ps). Small
+    // ones (decode) are widened to f32 here and their outputs rounded back here, not by a libtorch
+    // op each (~3 µs, two per product, ~37 products a decode step); large ones by libtorch, whose
+    // vectorised conversion beats this loop (~1-2 ns an element) on a prefill chunk.
+    let here = |t: &Tensor| t.kind() == Kind::BFloat16 && t.numel() <= HOST_CONVERT_MAX;
+    let widened: Vec<Option<Vec<f32>>> = xs
+        .iter()
+        .map(|x| here(x).then(|| elems::<u16>(x, Kind::BFloat16).iter().map(|&b| bf16_to_f32(b)).collect()))
+        .collect();
+    let f32s: Vec<Option<Tensor>> =
+        xs.iter().map(|x| (!here(x)).then(|| x.to_kind(Kind::Float).contiguous())).collect();
+    let problems: Vec<Problem> = xs
+        .iter()
+        .zip(widened.iter().zip(&f32s))
+        .zip(pairs)
+        .map(|((x, (wide, xf)), (_, w))| {
+            let s = w.size();
+            let (n, k) = (s[0] as usize, s[1] as usize);
+            assert_eq!(x.size()[1] as usize, k, "inner dimensions differ");
+            Problem {
+                x: match (wide, xf) {
+                    (Some(v), _) => v,
+                    (None, Some(t)) => elems(t, Kind::Float),
+                    (None, None) => unreachable!("one of the two is made"),
+                },
+                x_bf16: (x.kind() == Kind::BFloat16).then(|| elems::<u16>(x, Kind::BFloat16)),
+                w: weights_of(w),
+                m: x.size()[0] as usize,
+                n,
+                k,
+            }
+        })
+        .collect();
+    mlaserve_kernels::grouped_gemm_into(&problems, views);
 }
 
 /// Elements of a bf16 activation up to which [`grouped_linear`] converts it itself.

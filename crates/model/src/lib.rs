@@ -12,6 +12,7 @@ pub mod device_memory;
 pub mod dtype;
 pub mod engine;
 pub mod error;
+pub mod gemm_choice;
 pub mod kernels;
 pub mod layer;
 pub mod linear;

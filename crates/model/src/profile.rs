@@ -46,5 +46,14 @@ pub fn report() -> Option<String> {
     for (name, (secs, n)) in t.iter() {
         out.push_str(&format!("{name:<26} {:>10.1} {:>9} {:>9.1}\n", secs * 1e3, n, secs * 1e6 / *n as f64));
     }
+    for (s, k_us, l_us, e) in crate::gemm_choice::decisions() {
+        out.push_str(&format!(
+            "prefill gemm rows<={} n={} k={}: kernels {k_us:.0} us, libtorch {l_us:.0} us -> {}\n",
+            s.rows_bucket,
+            s.n,
+            s.k,
+            e.name()
+        ));
+    }
     Some(out)
 }

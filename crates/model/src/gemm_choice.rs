@@ -1,0 +1,261 @@
+//! Per-shape choice, by measurement on this machine, between the kernels and libtorch's GEMM
+//! (oneDNN) for prefill-sized bf16 products.
+//!
+//! The kernels stream weights at memory speed and win wherever a product reads more than it
+//! computes (decode, small batches). A long prompt's products are compute-bound, and there a
+//! packed library GEMM may be faster on some CPUs (AMX, or a wider core than the kernels' tiles
+//! assume) and slower on others. Which one is faster is measured rather than guessed: the first
+//! calls of each shape (rows bucketed by powers of two) alternate between the two, timed, and
+//! the faster by median then runs every later call of that shape. Only bf16 activations against
+//! dense bf16 weights take part: there both compute the same rounded products (f32 accumulation,
+//! one rounding of the output to bf16), and the f32 path stays on the kernels, exact.
+//!
+//! `MLASERVE_PREFILL_GEMM` = `auto` (default), `kernels` or `libtorch` forces one for tests and
+//! benchmarks.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::kernels::LibtorchThreads;
+use crate::linear::Weight;
+
+/// Rows from which a product is a candidate (below, the kernels' streaming wins by far).
+pub const MIN_ROWS: i64 = 64;
+/// Timed calls of each engine before a shape is decided.
+const TRIALS: usize = 3;
+/// The environment variable that forces an engine.
+pub const ENV: &str = "MLASERVE_PREFILL_GEMM";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    Kernels,
+    Libtorch,
+}
+
+impl Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Kernels => "kernels",
+            Engine::Libtorch => "libtorch",
+        }
+    }
+}
+
+/// What the first calls of one shape measured (seconds per call).
+#[derive(Default, Debug, Clone)]
+pub struct Trials {
+    kernels: Vec<f64>,
+    libtorch: Vec<f64>,
+}
+
+impl Trials {
+    /// The engine for the next call: alternating until both have [`TRIALS`] timings, then the one
+    /// with the lower median (ties to the kernels).
+    pub fn next(&self) -> Engine {
+        match self.decided() {
+            Some(e) => e,
+            None if self.libtorch.len() < self.kernels.len() => Engine::Libtorch,
+            None => Engine::Kernels,
+        }
+    }
+
+    pub fn decided(&self) -> Option<Engine> {
+        if self.kernels.len() < TRIALS || self.libtorch.len() < TRIALS {
+            return None;
+        }
+        Some(if median(&self.libtorch) < median(&self.kernels) { Engine::Libtorch } else { Engine::Kernels })
+    }
+
+    /// Records one timed call; returns the decision when this call completed the trials. Once
+    /// decided, a shape stays decided (later timings are not kept).
+    pub fn record(&mut self, engine: Engine, seconds: f64) -> Option<Engine> {
+        if self.decided().is_some() {
+            return None;
+        }
+        match engine {
+            Engine::Kernels => self.kernels.push(seconds),
+            Engine::Libtorch => self.libtorch.push(seconds),
+        }
+        self.decided()
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[s.len() / 2]
+}
+
+/// Shape key: rows bucketed to the next power of two, then the weight's `[out, in]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Shape {
+    pub rows_bucket: i64,
+    pub n: i64,
+    pub k: i64,
+}
+
+impl Shape {
+    pub fn new(m: i64, n: i64, k: i64) -> Shape {
+        Shape { rows_bucket: (m.max(1) as u64).next_power_of_two() as i64, n, k }
+    }
+}
+
+fn forced() -> Option<Engine> {
+    static FORCED: OnceLock<Option<Engine>> = OnceLock::new();
+    *FORCED.get_or_init(|| match std::env::var(ENV).as_deref().map(str::trim) {
+        Ok("kernels") => Some(Engine::Kernels),
+        Ok("libtorch") => Some(Engine::Libtorch),
+        Ok("") | Ok("auto") | Err(_) => None,
+        Ok(other) => {
+            tracing::warn!("{ENV}={other:?} is not auto, kernels or libtorch: measuring (auto)");
+            None
+        }
+    })
+}
+
+fn table() -> &'static Mutex<HashMap<Shape, Trials>> {
+    static TABLE: OnceLock<Mutex<HashMap<Shape, Trials>>> = OnceLock::new();
+    TABLE.get_or_init(Default::default)
+}
+
+/// Whether `x · wᵀ` is a candidate: bf16 rows, at least [`MIN_ROWS`] of them, dense bf16 weight,
+/// all on the CPU (the caller has checked that the kernels take it).
+pub fn candidate(x: &Tensor, w: &Weight) -> bool {
+    matches!(w, Weight::Dense(t) if t.kind() == Kind::BFloat16 && t.device() == Device::Cpu)
+        && x.kind() == Kind::BFloat16
+        && x.dim() == 2
+        && x.size()[0] >= MIN_ROWS
+}
+
+/// `x · wᵀ` for a [`candidate`], by the engine chosen for its shape; `kernels` computes it on the
+/// kernels.
+pub fn linear(x: &Tensor, w: &Weight, kernels: impl FnOnce() -> Tensor) -> Tensor {
+    let Weight::Dense(wt) = w else { unreachable!("candidates are dense") };
+    let libtorch = || {
+        // The kernels' helpers park rather than spin beside libtorch's threads on the same cores.
+        crate::kernels::pool::global().rest();
+        let _threads = LibtorchThreads::widen(true);
+        x.mm(&wt.tr())
+    };
+    if let Some(e) = forced() {
+        return match e {
+            Engine::Kernels => kernels(),
+            Engine::Libtorch => libtorch(),
+        };
+    }
+    let size = wt.size();
+    let shape = Shape::new(x.size()[0], size[0], size[1]);
+    let engine = table().lock().unwrap_or_else(|e| e.into_inner()).entry(shape).or_default().next();
+    let t = Instant::now();
+    let y = match engine {
+        Engine::Kernels => kernels(),
+        Engine::Libtorch => libtorch(),
+    };
+    let dt = t.elapsed().as_secs_f64();
+    let mut table = table().lock().unwrap_or_else(|e| e.into_inner());
+    let trials = table.entry(shape).or_default();
+    if let Some(choice) = trials.record(engine, dt) {
+        tracing::info!(
+            rows = shape.rows_bucket,
+            n = shape.n,
+            k = shape.k,
+            kernels_us = median(&trials.kernels) * 1e6,
+            libtorch_us = median(&trials.libtorch) * 1e6,
+            choice = choice.name(),
+            "prefill GEMM engine chosen by measurement"
+        );
+    }
+    y
+}
+
+/// The decisions made so far, for the profile report: (shape, kernels µs, libtorch µs, choice).
+pub fn decisions() -> Vec<(Shape, f64, f64, Engine)> {
+    let table = table().lock().unwrap_or_else(|e| e.into_inner());
+    let mut v: Vec<_> = table
+        .iter()
+        .filter_map(|(s, t)| {
+            t.decided().map(|e| (*s, median(&t.kernels) * 1e6, median(&t.libtorch) * 1e6, e))
+        })
+        .collect();
+    v.sort_by_key(|(s, ..)| (s.n, s.k, s.rows_bucket));
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trials_alternate_then_pick_the_lower_median() {
+        let mut t = Trials::default();
+        let mut order = Vec::new();
+        // libtorch faster except for one outlier: the median decides, not the mean.
+        let times = |e: Engine, i: usize| match e {
+            Engine::Kernels => 2.0,
+            Engine::Libtorch => [1.0, 9.0, 1.5][i],
+        };
+        let mut counts = [0usize; 2];
+        let mut decided = None;
+        for _ in 0..2 * TRIALS {
+            let e = t.next();
+            order.push(e);
+            let i = &mut counts[e as usize];
+            let r = t.record(e, times(e, *i));
+            *i += 1;
+            if r.is_some() {
+                assert!(decided.is_none(), "decided once");
+                decided = r;
+            }
+        }
+        use Engine::*;
+        assert_eq!(order, [Kernels, Libtorch, Kernels, Libtorch, Kernels, Libtorch]);
+        assert_eq!(decided, Some(Libtorch));
+        assert_eq!(t.next(), Libtorch);
+        // Later calls do not re-decide.
+        assert_eq!(t.record(Libtorch, 100.0), None);
+        assert_eq!(t.decided(), Some(Libtorch));
+    }
+
+    #[test]
+    fn ties_and_slower_libtorch_keep_the_kernels() {
+        for lt in [2.0, 3.0] {
+            let mut t = Trials::default();
+            for _ in 0..TRIALS {
+                t.record(Engine::Kernels, 2.0);
+                t.record(Engine::Libtorch, lt);
+            }
+            assert_eq!(t.decided(), Some(Engine::Kernels));
+        }
+    }
+
+    #[test]
+    fn shapes_bucket_rows_by_powers_of_two() {
+        assert_eq!(Shape::new(64, 8, 4), Shape::new(64, 8, 4));
+        assert_eq!(Shape::new(65, 8, 4).rows_bucket, 128);
+        assert_eq!(Shape::new(128, 8, 4).rows_bucket, 128);
+        assert_ne!(Shape::new(512, 8, 4), Shape::new(512, 8, 5));
+    }
+
+    #[test]
+    fn both_engines_give_the_same_bf16_product() {
+        let x = Tensor::randn([96, 64], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+        let w = Weight::Dense(Tensor::randn([48, 64], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16));
+        assert!(candidate(&x, &w));
+        let reference = x.to_kind(Kind::Double).mm(&w.to_dense(Kind::Double).tr());
+        // Enough calls to pass the trials: every call, whichever engine ran it, is the product.
+        for _ in 0..2 * TRIALS + 2 {
+            let y = linear(&x, &w, || crate::kernels::grouped_linear(&[(&x, &w)]).pop().expect("one"));
+            let err = (y.to_kind(Kind::Double) - &reference).abs().max().double_value(&[]);
+            let scale = reference.abs().max().double_value(&[]);
+            assert!(err <= scale * 1e-2, "bf16 product off by {err} (scale {scale})");
+        }
+        let shape = Shape::new(96, 48, 64);
+        assert!(decisions().iter().any(|(s, ..)| *s == shape) || forced().is_some());
+        // f32 rows and small batches are not candidates.
+        assert!(!candidate(&x.to_kind(Kind::Float), &w));
+        assert!(!candidate(&x.narrow(0, 0, MIN_ROWS - 1), &w));
+    }
+}
