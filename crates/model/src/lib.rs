@@ -13,6 +13,7 @@ pub mod dtype;
 pub mod engine;
 pub mod error;
 pub mod gemm_choice;
+mod grouped_experts;
 pub mod kernels;
 pub mod layer;
 pub mod linear;

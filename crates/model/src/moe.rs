@@ -16,13 +16,15 @@ use crate::routing::{Dispatch, Router};
 
 pub struct ExpertShard {
     /// Global id of the first expert held.
-    first: i64,
+    pub(crate) first: i64,
     /// Per local expert: gate and up (one fused `[2I, H]` product, or two for FP8 with their own
     /// block scales) and down. Views made once at load; dense experts are views into one stacked
     /// `[n, 2I, H]` / `[n, H, I]` pair.
-    experts: Vec<(Vec<Weight>, Weight)>,
-    inter: i64,
-    device: Device,
+    pub(crate) experts: Vec<(Vec<Weight>, Weight)>,
+    /// Dense experts: the stacked `gate_up [n, 2I, H]` and `down [n, H, I]` the views come from.
+    pub(crate) stacked: Option<(Tensor, Tensor)>,
+    pub(crate) inter: i64,
+    pub(crate) device: Device,
 }
 
 impl ExpertShard {
@@ -31,7 +33,13 @@ impl ExpertShard {
         let experts = (0..gate_up.size()[0])
             .map(|e| (vec![Weight::Dense(gate_up.get(e))], Weight::Dense(down.get(e))))
             .collect();
-        ExpertShard { first, experts, inter, device }
+        let stacked = Some((gate_up.shallow_clone(), down.shallow_clone()));
+        ExpertShard { first, experts, stacked, inter, device }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn stacked_for_tests(first: i64, gate_up: &Tensor, down: &Tensor, inter: i64) -> Self {
+        Self::stacked(first, gate_up, down, inter, Device::Cpu)
     }
 
     pub fn num_experts(&self) -> i64 {
@@ -41,6 +49,9 @@ impl ExpertShard {
     /// This shard's experts' weighted outputs summed per token, `[N, H]` on the shard's device, or
     /// None when none of its experts was chosen.
     pub fn forward_partial(&self, x: &Tensor, d: &Dispatch) -> Option<Tensor> {
+        if let Some((e, token, w)) = &d.device {
+            return Some(crate::grouped_experts::forward(self, x, e, token, w));
+        }
         let (lo, hi) = (self.first as usize, (self.first + self.num_experts()) as usize);
         let (start, end) = (d.offsets[lo], d.offsets[hi]);
         if start == end {
@@ -191,7 +202,7 @@ impl Moe {
                     .iter()
                     .map(|[g, u, d]| (vec![g.to_device(device), u.to_device(device)], d.to_device(device)))
                     .collect();
-                ExpertShard { first: lo as i64, experts, inter: inter as i64, device }
+                ExpertShard { first: lo as i64, experts, stacked: None, inter: inter as i64, device }
             };
             shards.push(shard);
         }

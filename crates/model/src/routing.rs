@@ -125,7 +125,12 @@ impl Router {
     pub fn dispatch(&self, x: &Tensor) -> Dispatch {
         if x.device() != Device::Cpu {
             let (idx, w) = self.route(x);
-            return Dispatch::new(&idx, &w, self.n_experts);
+            // bf16 (`_grouped_mm`'s type on a GPU): grouped, nothing read back; else per expert.
+            return if x.kind() == Kind::BFloat16 {
+                Dispatch::on_device(&idx, &w)
+            } else {
+                Dispatch::new(&idx, &w, self.n_experts)
+            };
         }
         let logits: Vec<f32> = Vec::try_from(self.logits(x).view([-1])).expect("fp32 logits");
         let bias = self.bias_host.get_or_init(|| Vec::try_from(&self.bias).expect("fp32 bias"));
@@ -157,6 +162,9 @@ pub struct Dispatch {
     /// The same as tensors: made on first use when decided on the host (the CPU expert kernel
     /// reads `host` and never needs them).
     tensors: OnceCell<(Tensor, Tensor)>,
+    /// Decided on a GPU: every assignment's expert, token and weight `[N * k]`, left on the device
+    /// (`offsets` stays empty: counting the experts' runs on the host would synchronise per layer).
+    pub(crate) device: Option<(Tensor, Tensor, Tensor)>,
 }
 
 fn offsets_of(counts: impl IntoIterator<Item = i64>) -> Vec<i64> {
@@ -176,7 +184,17 @@ impl Dispatch {
         let counts: Vec<i64> = Vec::try_from(flat.bincount::<Tensor>(None, n_experts).to_device(Device::Cpu))
             .expect("bincount is int64");
         let tensors = OnceCell::from((order.floor_divide_scalar(k), w.view([-1]).index_select(0, &order)));
-        Dispatch { offsets: offsets_of(counts), host: None, tensors }
+        Dispatch { offsets: offsets_of(counts), host: None, tensors, device: None }
+    }
+
+    /// From device tensors `idx`/`w` `[N, k]`, without reading anything back to the host: the
+    /// experts then run as grouped products whose group ends are computed on the device.
+    pub fn on_device(idx: &Tensor, w: &Tensor) -> Self {
+        let k = idx.size()[1];
+        let flat = idx.view([-1]);
+        let token = Tensor::arange(flat.size()[0], (Kind::Int64, flat.device())).floor_divide_scalar(k);
+        let device = Some((flat, token, w.view([-1])));
+        Dispatch { offsets: Vec::new(), host: None, tensors: OnceCell::new(), device }
     }
 
     /// From host decisions: a stable counting sort by expert.
@@ -195,7 +213,7 @@ impl Dispatch {
             weight[*slot] = r.w[j];
             *slot += 1;
         }
-        Dispatch { offsets, host: Some((token_of, weight)), tensors: OnceCell::new() }
+        Dispatch { offsets, host: Some((token_of, weight)), tensors: OnceCell::new(), device: None }
     }
 
     /// The token of each assignment `[N * k]` and its weight, as (CPU, for host decisions) tensors.
