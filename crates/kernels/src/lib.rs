@@ -21,6 +21,41 @@ pub mod moe;
 pub mod pool;
 pub mod rows;
 
+/// The sweep of the AVX2 and NEON paths over a task's columns: one input row streams each weight
+/// row (`row`); several use `tile`s of 4 weight rows × up to 3 input rows. Expands to
+/// `sweep::<F>` calling the invoking module's own `row` and `tile` (same loops, other registers).
+macro_rules! four_by_three_sweep {
+    () => {
+        #[inline(always)]
+        unsafe fn sweep<F: Fmt>(c: &Cols, w: *const F::E, m0: usize, m1: usize) {
+            if m1 - m0 == 1 {
+                for n in c.n0..c.n1 {
+                    row::<F>(c, w, n, m0);
+                }
+                return;
+            }
+            let mut n = c.n0;
+            while n < c.n1 {
+                let r = if c.n1 - n >= 4 { 4 } else { 1 };
+                let mut m = m0;
+                while m < m1 {
+                    let cols = (m1 - m).min(3);
+                    match (r, cols) {
+                        (4, 3) => tile::<F, 4, 3>(c, w, n, m),
+                        (4, 2) => tile::<F, 4, 2>(c, w, n, m),
+                        (4, _) => tile::<F, 4, 1>(c, w, n, m),
+                        (_, 3) => tile::<F, 1, 3>(c, w, n, m),
+                        (_, 2) => tile::<F, 1, 2>(c, w, n, m),
+                        _ => tile::<F, 1, 1>(c, w, n, m),
+                    }
+                    m += cols;
+                }
+                n += r;
+            }
+        }
+    };
+}
+
 mod avx2;
 mod avx512;
 mod neon;
