@@ -7,25 +7,22 @@
 //! CPU too (torch 2.11), which is how it is tested.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 use crate::linear::Weight;
 use crate::moe::ExpertShard;
+use crate::routing::DeviceRoute;
 
-/// `Σ_j w_j · expert_j(x_t)` over this shard's assignments, `[N, H]` on the shard's device. `expert`,
-/// `token`, `weight` `[N · k]`: every assignment of the layer, in token order.
-pub(crate) fn forward(
-    shard: &ExpertShard,
-    x: &Tensor,
-    expert: &Tensor,
-    token: &Tensor,
-    weight: &Tensor,
-) -> Tensor {
+/// `Σ_j w_j · expert_j(x_t)` over this shard's assignments, `[N, H]` on the shard's device; an
+/// error when the device's `_grouped_mm` refuses the product (the caller then runs per expert).
+pub(crate) fn forward(shard: &ExpertShard, x: &Tensor, route: &DeviceRoute) -> Result<Tensor, TchError> {
     let dev = shard.device;
     let n = shard.num_experts();
-    let (expert, token, weight) = (expert.to_device(dev), token.to_device(dev), weight.to_device(dev));
+    let (expert, token, weight) =
+        (route.expert.to_device(dev), route.token.to_device(dev), route.weight.to_device(dev));
     let local = expert.ge(shard.first).logical_and(&expert.lt(shard.first + n));
     // This shard's assignments first, by expert; the others after them, outside every group.
     let key = (&expert - shard.first).masked_fill(&local.logical_not(), n);
@@ -35,15 +32,23 @@ pub(crate) fn forward(
     let keep = local.index_select(0, &order).unsqueeze(1);
     let (gate_up, down) = weights(shard);
     let xs = x.to_device(dev).index_select(0, &token).to_kind(Kind::BFloat16);
-    let gu = xs.internal_grouped_mm(&gate_up.transpose(1, 2), Some(&ends), None, None);
+    let gu = xs.f_internal_grouped_mm(&gate_up.transpose(1, 2), Some(&ends), None, None)?;
     let i = shard.inter;
     let act = gu.narrow(1, 0, i).silu() * gu.narrow(1, i, i);
-    let y = act.internal_grouped_mm(&down.transpose(1, 2), Some(&ends), None, None);
+    let y = act.f_internal_grouped_mm(&down.transpose(1, 2), Some(&ends), None, None)?;
     // Rows past the last group are not written by the grouped product: zeroed, not trusted.
     let y = y.to_kind(Kind::Float).where_self(&keep, &Tensor::zeros([1], (Kind::Float, dev)));
     // Weighting in fp32, as the per-expert form does.
     let y = (y * weight.index_select(0, &order).unsqueeze(1)).to_kind(x.kind());
-    Tensor::zeros(x.size(), (x.kind(), dev)).index_add(0, &token, &y)
+    Ok(Tensor::zeros(x.size(), (x.kind(), dev)).index_add(0, &token, &y))
+}
+
+/// Says once per process that the grouped products fell back to the per-expert form.
+pub(crate) fn warn_fallback(e: &TchError) {
+    static SAID: AtomicBool = AtomicBool::new(false);
+    if !SAID.swap(true, Ordering::Relaxed) {
+        tracing::warn!("grouped expert products unavailable on this device, running per expert: {e}");
+    }
 }
 
 /// The shard's `gate_up [n, 2I, H]` and `down [n, H, I]` in bf16: the stacked dense weights, or
@@ -102,8 +107,11 @@ mod tests {
         let x = Tensor::randn([n, h], opts).to_kind(Kind::BFloat16);
         let r = Router::random(e, h, 4, 2, 3);
         let (idx, w) = r.route(&x.to_kind(Kind::Float));
-        let (host, dev) = (Dispatch::new(&idx, &w, e), Dispatch::on_device(&idx, &w));
+        let (host, dev) = (Dispatch::new(&idx, &w, e), Dispatch::on_device(&idx, &w, e));
         assert!(dev.offsets.is_empty(), "nothing counted on the host");
+        // The fallback for devices without grouped products is the same routing, counted.
+        let route = dev.device.as_ref().expect("device routing");
+        assert_eq!(route.per_expert().offsets, host.offsets);
         for g in [1i64, 2, 3] {
             let mut worst = 0f64;
             for s in 0..g {
@@ -149,7 +157,7 @@ mod tests {
         let x = Tensor::randn([n, h], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
         let r = Router::random(e, h, 2, 1, 2);
         let (idx, w) = r.route(&x.to_kind(Kind::Float));
-        let d = Dispatch::on_device(&idx, &w);
+        let d = Dispatch::on_device(&idx, &w, e);
         for _ in 0..2 {
             // Twice: the second call overwrites the buffer the first one filled.
             let (a, b) = (fp8.forward_partial(&x, &d).unwrap(), bf16.forward_partial(&x, &d).unwrap());

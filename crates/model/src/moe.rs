@@ -49,8 +49,14 @@ impl ExpertShard {
     /// This shard's experts' weighted outputs summed per token, `[N, H]` on the shard's device, or
     /// None when none of its experts was chosen.
     pub fn forward_partial(&self, x: &Tensor, d: &Dispatch) -> Option<Tensor> {
-        if let Some((e, token, w)) = &d.device {
-            return Some(crate::grouped_experts::forward(self, x, e, token, w));
+        if let Some(route) = &d.device {
+            match crate::grouped_experts::forward(self, x, route) {
+                Ok(y) => return Some(y),
+                Err(e) => {
+                    crate::grouped_experts::warn_fallback(&e);
+                    return self.forward_partial(x, route.per_expert());
+                }
+            }
         }
         let (lo, hi) = (self.first as usize, (self.first + self.num_experts()) as usize);
         let (start, end) = (d.offsets[lo], d.offsets[hi]);

@@ -127,7 +127,7 @@ impl Router {
             let (idx, w) = self.route(x);
             // bf16 (`_grouped_mm`'s type on a GPU): grouped, nothing read back; else per expert.
             return if x.kind() == Kind::BFloat16 {
-                Dispatch::on_device(&idx, &w)
+                Dispatch::on_device(&idx, &w, self.n_experts)
             } else {
                 Dispatch::new(&idx, &w, self.n_experts)
             };
@@ -162,9 +162,29 @@ pub struct Dispatch {
     /// The same as tensors: made on first use when decided on the host (the CPU expert kernel
     /// reads `host` and never needs them).
     tensors: OnceCell<(Tensor, Tensor)>,
-    /// Decided on a GPU: every assignment's expert, token and weight `[N * k]`, left on the device
-    /// (`offsets` stays empty: counting the experts' runs on the host would synchronise per layer).
-    pub(crate) device: Option<(Tensor, Tensor, Tensor)>,
+    /// Decided on a GPU: the assignments left on the device (`offsets` stays empty: counting the
+    /// experts' runs on the host would synchronise per layer).
+    pub(crate) device: Option<DeviceRoute>,
+}
+
+/// A layer's routing on the device, for the grouped expert products.
+pub(crate) struct DeviceRoute {
+    /// Every assignment's expert, token and weight `[N * k]`, in token order.
+    pub(crate) expert: Tensor,
+    pub(crate) token: Tensor,
+    pub(crate) weight: Tensor,
+    idx: Tensor,
+    w: Tensor,
+    n_experts: i64,
+    per_expert: OnceCell<Box<Dispatch>>,
+}
+
+impl DeviceRoute {
+    /// The per-expert dispatch of the same routing (counts read back): for a device whose
+    /// `_grouped_mm` refuses the product.
+    pub(crate) fn per_expert(&self) -> &Dispatch {
+        self.per_expert.get_or_init(|| Box::new(Dispatch::new(&self.idx, &self.w, self.n_experts)))
+    }
 }
 
 fn offsets_of(counts: impl IntoIterator<Item = i64>) -> Vec<i64> {
@@ -189,11 +209,19 @@ impl Dispatch {
 
     /// From device tensors `idx`/`w` `[N, k]`, without reading anything back to the host: the
     /// experts then run as grouped products whose group ends are computed on the device.
-    pub fn on_device(idx: &Tensor, w: &Tensor) -> Self {
+    pub fn on_device(idx: &Tensor, w: &Tensor, n_experts: i64) -> Self {
         let k = idx.size()[1];
         let flat = idx.view([-1]);
         let token = Tensor::arange(flat.size()[0], (Kind::Int64, flat.device())).floor_divide_scalar(k);
-        let device = Some((flat, token, w.view([-1])));
+        let device = Some(DeviceRoute {
+            expert: flat,
+            token,
+            weight: w.view([-1]),
+            idx: idx.shallow_clone(),
+            w: w.shallow_clone(),
+            n_experts,
+            per_expert: OnceCell::new(),
+        });
         Dispatch { offsets: Vec::new(), host: None, tensors: OnceCell::new(), device }
     }
 
