@@ -5,7 +5,10 @@ puts it at .gpu/mlaserve-cuda; it finds libtorch through LD_LIBRARY_PATH, set he
 machine's torch). Steps, each printed as it finishes:
   1. device memory bandwidth: a device-to-device copy of --copy-gib GiB (read + write counted);
   2. parity: greedy `generate` on the GPU (f32) equals the same binary on the CPU (f32), which the
-     CPU test suite ties to transformers, on the small random checkpoint;
+     CPU test suite ties to transformers, on the small random checkpoint; the same for an FP8
+     checkpoint (`--weights native`: FP8 stays FP8 on the device); and in bf16, where the routed
+     experts run as grouped products (`_grouped_mm`, routing counts on the device), the share of
+     tokens equal to the CPU's bf16 (a figure: bf16 rounding differs between devices);
   3. decode step time in bf16 on the ~200M benchmark checkpoint at batch 1 and 32, against the floor
      (weight bytes a decode step must read: attention, dense and shared MLPs, lm_head, and the
      routed experts expected to be active for that batch, divided by the measured bandwidth).
@@ -72,9 +75,11 @@ def decode_bytes(model: Path, batch: int) -> float:
     return total
 
 
-def generate(binary, model, device, dtype, prompts, new_tokens):
+def generate(binary, model, device, dtype, prompts, new_tokens, weights=None):
     args = [binary, "generate", "--model", str(model), "--device", device, "--dtype", dtype,
             "--max-new-tokens", str(new_tokens), "--json", "--stats"]
+    if weights:
+        args += ["--weights", weights]
     for p in prompts:
         args += ["--ids", ",".join(map(str, p))]
     r = subprocess.run(args, capture_output=True, text=True)
@@ -114,6 +119,25 @@ def main():
     out["parity"] = dict(prompts=len(prompts), identical=same)
     print(f"parity (greedy, f32, GPU vs CPU): {same}/{len(prompts)} identical -> "
           f"{'PASS' if same == len(prompts) else 'FAIL'}", flush=True)
+
+    fp8 = work / "gpu-small-fp8"
+    if not (fp8 / ".done").exists():
+        ds3_checkpoint.build(str(fp8), "fp8", seed=0, dtype="bf16", fp8=True, tokenizer=False)
+        (fp8 / ".done").write_text("ok")
+    fp8_vocab = json.loads((fp8 / "config.json").read_text())["vocab_size"]
+    fp8_prompts = [[t % fp8_vocab for t in p] for p in prompts]
+    cpu8, _ = generate(a.bin, fp8, "cpu", "f32", fp8_prompts, 16, "native")
+    gpu8, _ = generate(a.bin, fp8, "cuda", "f32", fp8_prompts, 16, "native")
+    same8 = sum(c == d for c, d in zip(cpu8, gpu8))
+    out["parity_fp8"] = dict(prompts=len(fp8_prompts), identical=same8)
+    print(f"parity (greedy, f32 activations, FP8 weights native, GPU vs CPU): {same8}/{len(fp8_prompts)} "
+          f"identical -> {'PASS' if same8 == len(fp8_prompts) else 'FAIL'}", flush=True)
+    cpub, _ = generate(a.bin, small, "cpu", "bf16", prompts, 16)
+    gpub, _ = generate(a.bin, small, "cuda", "bf16", prompts, 16)
+    agree = [sum(x == y for x, y in zip(c, d)) / max(len(c), 1) for c, d in zip(cpub, gpub)]
+    out["bf16_token_agreement"] = sum(agree) / len(agree)
+    print(f"bf16 greedy tokens equal to the CPU's (grouped experts on the GPU): "
+          f"{out['bf16_token_agreement']:.1%}", flush=True)
 
     bench = work / "gpu-bench-bf16"
     if not (bench / ".done").exists():

@@ -115,7 +115,7 @@ impl Linear {
 }
 
 /// `x · wᵀ` for `x [.., in]`: on the CPU through [`kernels`]; elsewhere libtorch (FP8 dequantised
-/// for the product); without a SIMD kernel, bf16 CPU weights multiply as f32 (libtorch's CPU bf16
+/// for each product: the weights stay FP8 in memory); without a SIMD kernel, bf16 CPU weights multiply as f32 (libtorch's CPU bf16
 /// GEMM is several times slower).
 pub fn forward_weight(x: &Tensor, w: &Weight) -> Tensor {
     let shape = x.size();
@@ -129,7 +129,13 @@ pub fn forward_weight(x: &Tensor, w: &Weight) -> Tensor {
             }
             Weight::Dense(t) => x2.linear::<Tensor>(&t.to_kind(x.kind()), None),
             fp8 => {
-                let kind = if x.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+                // On a GPU, bf16/f16 activations multiply the weight dequantised to their type (the
+                // reference's dequantised bf16 weights, on tensor cores); otherwise f32 (f64 stays).
+                let kind = match x.kind() {
+                    Kind::Double => Kind::Double,
+                    k @ (Kind::BFloat16 | Kind::Half) if fp8.device() != Device::Cpu => k,
+                    _ => Kind::Float,
+                };
                 x2.to_kind(kind).linear::<Tensor>(&fp8.to_dense(kind), None).to_kind(x.kind())
             }
         }
