@@ -111,15 +111,19 @@ impl Mla {
     pub fn forward(&self, x: &Tensor, plan: &StepPlan, cache: &mut Tensor) -> Tensor {
         let t = x.size()[0];
         let proj = profile::section("attn.proj");
+        // The query's first product and kv_a read the same rows: one kernel call for both.
+        let (q_first, kv) = match &self.q {
+            QProj::Lora { a, .. } => Linear::forward_pair(a, &self.kv_a, x),
+            QProj::Plain(p) => Linear::forward_pair(p, &self.kv_a, x),
+        };
         let q = match &self.q {
-            QProj::Lora { a, norm, b } => b.forward(&norm.forward(&a.forward(x))),
-            QProj::Plain(p) => p.forward(x),
+            QProj::Lora { norm, b, .. } => b.forward(&norm.forward(&q_first)),
+            QProj::Plain(_) => q_first,
         }
         .view([t, self.h, self.dn + self.dr]);
         let q_nope = q.narrow(2, 0, self.dn);
         let q_pe = rope::apply_rows(&q.narrow(2, self.dn, self.dr), &plan.cos, &plan.sin);
 
-        let kv = self.kv_a.forward(x);
         let latent = self.kv_norm.forward(&kv.narrow(1, 0, self.rkv));
         let k_pe = rope::apply_rows(&kv.narrow(1, self.rkv, self.dr), &plan.cos, &plan.sin);
         let _ =

@@ -106,11 +106,31 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let y = forward_weight(x, &self.weight);
+        self.permuted(forward_weight(x, &self.weight))
+    }
+
+    fn permuted(&self, y: Tensor) -> Tensor {
         match &self.out_perm {
             Some(p) => y.index_select(-1, p),
             None => y,
         }
+    }
+
+    /// `(a.forward(x), b.forward(x))` for 2-D `x`; in one parallel region of the kernels where both
+    /// run there and neither is a prefill-sized candidate for libtorch (decode: one start-up
+    /// instead of two for a layer's two input projections).
+    pub fn forward_pair(a: &Linear, b: &Linear, x: &Tensor) -> (Tensor, Tensor) {
+        let together = x.dim() == 2
+            && [a, b]
+                .iter()
+                .all(|l| kernels::use_for(x, &l.weight) && !crate::gemm_choice::candidate(x, &l.weight));
+        if !together {
+            return (a.forward(x), b.forward(x));
+        }
+        let mut ys = kernels::grouped_linear(&[(x, &a.weight), (x, &b.weight)]);
+        let yb = ys.pop().expect("two products");
+        let ya = ys.pop().expect("two products");
+        (a.permuted(ya), b.permuted(yb))
     }
 }
 
