@@ -400,50 +400,39 @@ impl Mla {
         let keys = Tensor::cat(&[k_nope, k_pe], 2).transpose(0, 1).contiguous(); // [h, tc, dn+dr]
         let vt = forward_weight(&c, &self.w_uv.w).view([tc, h, dv]).permute([1, 2, 0]).contiguous(); // [h, dv, tc]
         let q = Tensor::cat(&[q_nope, q_pe], 2).to_kind(kind).transpose(0, 1).contiguous(); // [h, n, dn+dr]
-                                                                                            // bf16: the score and value products through libtorch's bf16 `bmm` (oneDNN), whose output
-                                                                                            // rounding is the f32 form's `round_to`: measured 2-3x the kernels on these shapes, whose
-                                                                                            // reduction (dn + dr = 192 for scores) is too short for the kernels' tiles. f32: the
-                                                                                            // kernels, exact.
-        let bf16 = kind == Kind::BFloat16;
-        let (kw, vw): (Vec<Weight>, Vec<Weight>) = if bf16 {
-            kernels::pool::global().rest();
-            (Vec::new(), Vec::new())
-        } else {
-            (0..h).map(|i| (Weight::Dense(keys.get(i)), Weight::Dense(vt.get(i)))).unzip()
+
+        // `a[i] · b[i]ᵀ` for each head i, f32 `[h, m, n]`. bf16: libtorch's bf16 `bmm` (oneDNN),
+        // whose output rounding is the f32 form's `round_to`: measured 2-3x the kernels on these
+        // shapes, whose reduction (dn + dr = 192 for scores) is too short for the kernels' tiles.
+        // f32: the kernels, exact.
+        let per_head = |a: &Tensor, b: &Tensor| -> Tensor {
+            if kind == Kind::BFloat16 {
+                // The kernels' helpers park rather than spin beside libtorch's threads.
+                kernels::pool::global().rest();
+                return a.bmm(&b.transpose(1, 2)).to_kind(Kind::Float);
+            }
+            let heads: Vec<(Tensor, Weight)> = (0..h).map(|i| (a.get(i), Weight::Dense(b.get(i)))).collect();
+            let pairs: Vec<(&Tensor, &Weight)> = heads.iter().map(|(x, w)| (x, w)).collect();
+            let out = Tensor::empty([h, a.size()[1], b.size()[1]], (Kind::Float, Device::Cpu));
+            kernels::grouped_linear_into(&pairs, &out);
+            out
         };
         drop(p1);
         let mut q0 = 0;
         while q0 < n {
             let len = tile.min(n - q0);
             let p1 = profile::section("solo.scores");
-            let scores = if bf16 {
-                q.narrow(1, q0, len).bmm(&keys.transpose(1, 2)).to_kind(Kind::Float)
-            } else {
-                let qs: Vec<Tensor> = (0..h).map(|i| q.get(i).narrow(0, q0, len)).collect();
-                let pairs: Vec<(&Tensor, &Weight)> = qs.iter().zip(&kw).collect();
-                let scores = Tensor::empty([h, len, tc], (Kind::Float, Device::Cpu));
-                kernels::grouped_linear_into(&pairs, &scores);
-                scores
-            };
+            let scores = per_head(&q.narrow(1, q0, len), &keys);
             drop(p1);
             let p1 = profile::section("solo.softmax");
             // Rows are (head, query): query i sees keys 0..=cached + q0 + i.
-            let (base, per_head) = ((s.cached + q0) as usize, len as usize);
-            let visible = move |row: usize| base + row % per_head + 1;
+            let (base, queries) = ((s.cached + q0) as usize, len as usize);
+            let visible = move |row: usize| base + row % queries + 1;
             let no_mask = || unreachable!("the CPU softmax takes `visible`");
             let p = self.probabilities(scores, &visible, act, no_mask, [h, len, tc]).to_kind(kind);
             drop(p1);
             let _p1 = profile::section("solo.pv");
-            let o = if bf16 {
-                p.bmm(&vt.transpose(1, 2)).to_kind(Kind::Float)
-            } else {
-                let ps: Vec<Tensor> = (0..h).map(|i| p.get(i)).collect();
-                let pairs: Vec<(&Tensor, &Weight)> = ps.iter().zip(&vw).collect();
-                let o = Tensor::empty([h, len, dv], (Kind::Float, Device::Cpu));
-                kernels::grouped_linear_into(&pairs, &o);
-                o
-            };
-            outs.push(round_to(o, act).transpose(0, 1));
+            outs.push(round_to(per_head(&p, &vt), act).transpose(0, 1));
             q0 += len;
         }
     }

@@ -12,7 +12,6 @@ use std::sync::Mutex;
 
 use tch::{Device, Kind, TchError, Tensor};
 
-use crate::linear::Weight;
 use crate::moe::ExpertShard;
 use crate::routing::DeviceRoute;
 
@@ -65,16 +64,12 @@ fn weights(shard: &ExpertShard) -> (Tensor, Tensor) {
         let mut row = 0;
         for w in gu {
             let rows = w.size()[0];
-            gate_up.get(e as i64).narrow(0, row, rows).copy_(&dense(w));
+            gate_up.get(e as i64).narrow(0, row, rows).copy_(&w.to_dense(Kind::BFloat16));
             row += rows;
         }
-        down.get(e as i64).copy_(&dense(d));
+        down.get(e as i64).copy_(&d.to_dense(Kind::BFloat16));
     }
     (gate_up, down)
-}
-
-fn dense(w: &Weight) -> Tensor {
-    w.to_dense(Kind::BFloat16)
 }
 
 type ScratchKey = (String, [i64; 3]);
@@ -93,6 +88,7 @@ fn scratch(device: Device, shape: [i64; 3]) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::linear::Weight;
     use crate::routing::{Dispatch, Router};
 
     /// bf16 experts of `e` experts split over `g` shards: grouped form against the per-expert
@@ -147,11 +143,14 @@ mod tests {
         let gate_up = Tensor::stack(
             &experts
                 .iter()
-                .map(|(gu, _)| Tensor::cat(&[dense(&gu[0]), dense(&gu[1])], 0))
+                .map(|(gu, _)| {
+                    Tensor::cat(&[gu[0].to_dense(Kind::BFloat16), gu[1].to_dense(Kind::BFloat16)], 0)
+                })
                 .collect::<Vec<_>>(),
             0,
         );
-        let down = Tensor::stack(&experts.iter().map(|(_, d)| dense(d)).collect::<Vec<_>>(), 0);
+        let down =
+            Tensor::stack(&experts.iter().map(|(_, d)| d.to_dense(Kind::BFloat16)).collect::<Vec<_>>(), 0);
         let fp8 = ExpertShard { first: 0, experts, stacked: None, inter: i, device: Device::Cpu };
         let bf16 = ExpertShard::stacked_for_tests(0, &gate_up, &down, i);
         let x = Tensor::randn([n, h], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);

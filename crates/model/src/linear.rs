@@ -135,8 +135,8 @@ impl Linear {
 }
 
 /// `x · wᵀ` for `x [.., in]`: on the CPU through [`kernels`]; elsewhere libtorch (FP8 dequantised
-/// for each product: the weights stay FP8 in memory); without a SIMD kernel, bf16 CPU weights multiply as f32 (libtorch's CPU bf16
-/// GEMM is several times slower).
+/// for each product: the weights stay FP8 in memory); without a SIMD kernel, bf16 CPU weights
+/// multiply as f32 (libtorch's CPU bf16 GEMM is several times slower).
 pub fn forward_weight(x: &Tensor, w: &Weight) -> Tensor {
     let shape = x.size();
     let x2 = if shape.len() == 2 { x.shallow_clone() } else { x.reshape([-1, shape[shape.len() - 1]]) };
