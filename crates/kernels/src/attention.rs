@@ -11,7 +11,11 @@
 //! (gather, padded bmm, mask, softmax, bmm) is ~15 small ops per layer whose fixed cost exceeded the
 //! arithmetic at decode (measured in PERFORMANCE.md).
 
+use crate::latent_tiles::{dot_tile, weighted_rows_tile, Lanes, Row, Scalar};
+#[cfg(target_arch = "x86_64")]
+use crate::latent_tiles::{Avx2, Avx512};
 use crate::pool::SendPtr;
+use crate::rows::exp_nonpositive;
 use crate::{bf16_bits, bf16_to_f32, pool, Isa, Weights};
 
 /// The latent cache, `[slots, width]` row-major.
@@ -64,327 +68,117 @@ struct Partial {
     sum: f32,
 }
 
-/// The two inner loops, per instruction set: Σ a·b, and y += a·x.
-trait Simd {
-    /// # Safety
-    /// The CPU has the instruction set (callers are `target_feature` functions of it).
-    unsafe fn dot(a: &[f32], b: &[f32]) -> f32;
-    /// # Safety
-    /// As for `dot`.
-    unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]);
-    /// `dot` with `b` in bf16 bits, widened in registers.
-    ///
-    /// # Safety
-    /// As for `dot`.
-    unsafe fn dot_bf16(a: &[f32], b: &[u16]) -> f32;
-    /// `axpy` with `x` in bf16 bits, widened in registers.
-    ///
-    /// # Safety
-    /// As for `dot`.
-    unsafe fn axpy_bf16(y: &mut [f32], a: f32, x: &[u16]);
-}
-
-struct Scalar;
-
-impl Simd for Scalar {
-    #[inline(always)]
-    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-        // 16 independent lanes: the compiler vectorises them where the baseline allows.
-        let mut acc = [0f32; 16];
-        let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-        let mut s: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-        for (x, y) in ca.zip(cb) {
-            for i in 0..16 {
-                acc[i] += x[i] * y[i];
-            }
-        }
-        for v in acc {
-            s += v;
-        }
-        s
-    }
-    #[inline(always)]
-    unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-        for (y, x) in y.iter_mut().zip(x) {
-            *y += a * x;
-        }
-    }
-    #[inline(always)]
-    unsafe fn dot_bf16(a: &[f32], b: &[u16]) -> f32 {
-        let mut acc = [0f32; 16];
-        let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-        let mut s: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, &y)| x * bf16_to_f32(y)).sum();
-        for (x, y) in ca.zip(cb) {
-            for i in 0..16 {
-                acc[i] += x[i] * bf16_to_f32(y[i]);
-            }
-        }
-        for v in acc {
-            s += v;
-        }
-        s
-    }
-    #[inline(always)]
-    unsafe fn axpy_bf16(y: &mut [f32], a: f32, x: &[u16]) {
-        for (y, &x) in y.iter_mut().zip(x) {
-            *y += a * bf16_to_f32(x);
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-struct Avx512;
-
-#[cfg(target_arch = "x86_64")]
-impl Simd for Avx512 {
-    #[inline(always)]
-    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-        use std::arch::x86_64::*;
-        let n = a.len().min(b.len());
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        // Two accumulators: the FMA latency is hidden behind the other chain.
-        let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let mut i = 0;
-        while i + 32 <= n {
-            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
-            s1 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 16)), _mm512_loadu_ps(pb.add(i + 16)), s1);
-            i += 32;
-        }
-        if i + 16 <= n {
-            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
-            i += 16;
-        }
-        let mut s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-        while i < n {
-            s += *pa.add(i) * *pb.add(i);
-            i += 1;
-        }
-        s
-    }
-    #[inline(always)]
-    unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-        use std::arch::x86_64::*;
-        let n = y.len().min(x.len());
-        let (py, px, va) = (y.as_mut_ptr(), x.as_ptr(), _mm512_set1_ps(a));
-        let mut i = 0;
-        while i + 16 <= n {
-            _mm512_storeu_ps(
-                py.add(i),
-                _mm512_fmadd_ps(va, _mm512_loadu_ps(px.add(i)), _mm512_loadu_ps(py.add(i))),
-            );
-            i += 16;
-        }
-        while i < n {
-            *py.add(i) += a * *px.add(i);
-            i += 1;
-        }
-    }
-    #[inline(always)]
-    unsafe fn dot_bf16(a: &[f32], b: &[u16]) -> f32 {
-        use std::arch::x86_64::*;
-        let n = a.len().min(b.len());
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let wide = |p: *const u16| {
-            _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i)),
-                16,
-            ))
-        };
-        let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let mut i = 0;
-        while i + 32 <= n {
-            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), wide(pb.add(i)), s0);
-            s1 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 16)), wide(pb.add(i + 16)), s1);
-            i += 32;
-        }
-        if i + 16 <= n {
-            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), wide(pb.add(i)), s0);
-            i += 16;
-        }
-        let mut s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-        while i < n {
-            s += *pa.add(i) * bf16_to_f32(*pb.add(i));
-            i += 1;
-        }
-        s
-    }
-    #[inline(always)]
-    unsafe fn axpy_bf16(y: &mut [f32], a: f32, x: &[u16]) {
-        use std::arch::x86_64::*;
-        let n = y.len().min(x.len());
-        let (py, px, va) = (y.as_mut_ptr(), x.as_ptr(), _mm512_set1_ps(a));
-        let mut i = 0;
-        while i + 16 <= n {
-            let xv = _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_loadu_si256(px.add(i) as *const __m256i)),
-                16,
-            ));
-            _mm512_storeu_ps(py.add(i), _mm512_fmadd_ps(va, xv, _mm512_loadu_ps(py.add(i))));
-            i += 16;
-        }
-        while i < n {
-            *py.add(i) += a * bf16_to_f32(*px.add(i));
-            i += 1;
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-struct Avx2;
-
-#[cfg(target_arch = "x86_64")]
-impl Simd for Avx2 {
-    #[inline(always)]
-    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-        use std::arch::x86_64::*;
-        let n = a.len().min(b.len());
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut i = 0;
-        while i + 16 <= n {
-            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
-            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), s1);
-            i += 16;
-        }
-        if i + 8 <= n {
-            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
-            i += 8;
-        }
-        let v = _mm256_add_ps(s0, s1);
-        let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-        let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
-        let mut s = _mm_cvtss_f32(q);
-        while i < n {
-            s += *pa.add(i) * *pb.add(i);
-            i += 1;
-        }
-        s
-    }
-    #[inline(always)]
-    unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-        use std::arch::x86_64::*;
-        let n = y.len().min(x.len());
-        let (py, px, va) = (y.as_mut_ptr(), x.as_ptr(), _mm256_set1_ps(a));
-        let mut i = 0;
-        while i + 8 <= n {
-            _mm256_storeu_ps(
-                py.add(i),
-                _mm256_fmadd_ps(va, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i))),
-            );
-            i += 8;
-        }
-        while i < n {
-            *py.add(i) += a * *px.add(i);
-            i += 1;
-        }
-    }
-    #[inline(always)]
-    unsafe fn dot_bf16(a: &[f32], b: &[u16]) -> f32 {
-        use std::arch::x86_64::*;
-        let n = a.len().min(b.len());
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let wide = |p: *const u16| {
-            _mm256_castsi256_ps(_mm256_slli_epi32(
-                _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i)),
-                16,
-            ))
-        };
-        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut i = 0;
-        while i + 16 <= n {
-            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), wide(pb.add(i)), s0);
-            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), wide(pb.add(i + 8)), s1);
-            i += 16;
-        }
-        if i + 8 <= n {
-            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), wide(pb.add(i)), s0);
-            i += 8;
-        }
-        let v = _mm256_add_ps(s0, s1);
-        let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-        let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
-        let mut s = _mm_cvtss_f32(q);
-        while i < n {
-            s += *pa.add(i) * bf16_to_f32(*pb.add(i));
-            i += 1;
-        }
-        s
-    }
-    #[inline(always)]
-    unsafe fn axpy_bf16(y: &mut [f32], a: f32, x: &[u16]) {
-        use std::arch::x86_64::*;
-        let n = y.len().min(x.len());
-        let (py, px, va) = (y.as_mut_ptr(), x.as_ptr(), _mm256_set1_ps(a));
-        let mut i = 0;
-        while i + 8 <= n {
-            let xv = _mm256_castsi256_ps(_mm256_slli_epi32(
-                _mm256_cvtepu16_epi32(_mm_loadu_si128(px.add(i) as *const __m128i)),
-                16,
-            ));
-            _mm256_storeu_ps(py.add(i), _mm256_fmadd_ps(va, xv, _mm256_loadu_ps(py.add(i))));
-            i += 8;
-        }
-        while i < n {
-            *py.add(i) += a * bf16_to_f32(*px.add(i));
-            i += 1;
-        }
-    }
-}
-
 /// One task: sequence `s`, keys `k0..k1`, heads `t.h0..t.h1`. Writes, for each (query, head) that
 /// sees any of these keys, its partial state and un-normalised `o_lat` into the task's slices.
 #[inline(always)]
-unsafe fn block<S: Simd>(p: &LatentAttention, s: &SeqKeys, t: &Task, states: &mut [Partial], o: &mut [f32]) {
+unsafe fn block<L: Lanes>(p: &LatentAttention, s: &SeqKeys, t: &Task, states: &mut [Partial], o: &mut [f32]) {
+    match p.cache {
+        CacheRows::F32(c) => block_rows::<L, f32>(p, c, s, t, states, o),
+        CacheRows::Bf16(c) => block_rows::<L, u16>(p, c, s, t, states, o),
+    }
+}
+
+/// Query-head rows per tile: two keep a tile's accumulators, loads and broadcast within AVX2's
+/// 16 registers.
+const QA: usize = 2;
+/// Keys per score tile, and value vectors per output tile.
+const KB: usize = 4;
+
+#[inline(always)]
+unsafe fn block_rows<L: Lanes, E: Row>(
+    p: &LatentAttention,
+    cache: &[E],
+    s: &SeqKeys,
+    t: &Task,
+    states: &mut [Partial],
+    o: &mut [f32],
+) {
     let (w, vw, heads) = (p.width, p.value_width, p.heads);
     let (k0, k1, h0) = (t.k0, t.k1, t.h0);
     let h = t.h1 - t.h0;
     let nkeys = k1 - k0;
+    let nq = s.new * h;
     // Cache rows are read as stored (bf16 widened in registers), never copied.
-    let dot = |q: &[f32], slot: usize| match p.cache {
-        CacheRows::F32(c) => S::dot(q, &c[slot * w..(slot + 1) * w]),
-        CacheRows::Bf16(c) => S::dot_bf16(q, &c[slot * w..(slot + 1) * w]),
-    };
-    // Scores of this block, [new, heads of the task, keys]; masked keys are -inf.
-    let mut scores = vec![f32::NEG_INFINITY; s.new * h * nkeys];
-    for t in k0..k1 {
-        let slot = s.slots[t] as usize;
-        for j in 0..s.new {
-            if t > s.cached + j {
-                continue;
-            }
-            let q = &p.q[((s.row + j) * heads + h0) * w..((s.row + j) * heads + h0 + h) * w];
-            for hd in 0..h {
-                scores[(j * h + hd) * nkeys + (t - k0)] = dot(&q[hd * w..(hd + 1) * w], slot) * p.scale;
+    let rows: Vec<*const E> = (k0..k1).map(|k| cache.as_ptr().add(s.slots[k] as usize * w)).collect();
+    // Query-head row `qh` = (new token qh / h, head qh % h).
+    let qrow = |qh: usize| p.q.as_ptr().add(((s.row + qh / h) * heads + h0 + qh % h) * w);
+    // Scores [nq, nkeys] in QA × KB tiles; a short key tile repeats its last row (dropped).
+    let mut scores = vec![0f32; nq * nkeys];
+    let mut a0 = 0;
+    while a0 < nq {
+        let qa = if nq - a0 >= QA { QA } else { 1 };
+        for b0 in (0..nkeys).step_by(KB) {
+            let kb = (nkeys - b0).min(KB);
+            let c: [*const E; KB] = std::array::from_fn(|b| rows[b0 + b.min(kb - 1)]);
+            let mut put = |a: usize, r: &[f32; KB]| {
+                scores[(a0 + a) * nkeys + b0..][..kb].copy_from_slice(&r[..kb]);
+            };
+            if qa == QA {
+                let r = dot_tile::<L, E, QA, KB>(std::array::from_fn(|a| qrow(a0 + a)), c, w);
+                r.iter().enumerate().for_each(|(a, r)| put(a, r));
+            } else {
+                put(0, &dot_tile::<L, E, 1, KB>([qrow(a0)], c, w)[0]);
             }
         }
+        a0 += qa;
     }
-    for (jh, st) in states.iter_mut().enumerate() {
-        let sc = &mut scores[jh * nkeys..(jh + 1) * nkeys];
-        let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        st.max = max;
+    // Softmax state per row over its visible keys (a prefix: query j sees keys ≤ cached + j).
+    for (qh, st) in states.iter_mut().enumerate() {
+        let visible = (s.cached + qh / h + 1).saturating_sub(k0).min(nkeys);
+        let sc = &mut scores[qh * nkeys..(qh + 1) * nkeys];
+        sc[visible..].fill(0.0);
+        let sc = &mut sc[..visible];
         st.sum = 0.0;
-        if max == f32::NEG_INFINITY {
+        st.max = f32::NEG_INFINITY;
+        for v in sc.iter_mut() {
+            *v *= p.scale;
+            st.max = st.max.max(*v);
+        }
+        if visible == 0 {
             continue; // no key of this block is visible to this query
         }
         for v in sc.iter_mut() {
-            *v = (*v - max).exp();
+            *v = exp_nonpositive(*v - st.max);
             st.sum += *v;
         }
     }
-    o.fill(0.0);
-    for t in k0..k1 {
-        let slot = s.slots[t] as usize;
-        for jh in 0..s.new * h {
-            let e = scores[jh * nkeys + (t - k0)];
-            if e > 0.0 {
-                let y = &mut o[jh * vw..(jh + 1) * vw];
-                match p.cache {
-                    CacheRows::F32(c) => S::axpy(y, e, &c[slot * w..slot * w + vw]),
-                    CacheRows::Bf16(c) => S::axpy_bf16(y, e, &c[slot * w..slot * w + vw]),
-                }
-            }
+    // o_lat rows: Σ_t e[qh][t] · value(t), KB vectors of columns at a time held in registers.
+    let op = o.as_mut_ptr();
+    let mut a0 = 0;
+    while a0 < nq {
+        let qa = if nq - a0 >= QA { QA } else { 1 };
+        let e = |a: usize| scores.as_ptr().add((a0 + a) * nkeys);
+        let out = |a: usize| op.add((a0 + a) * vw);
+        if qa == QA {
+            weighted_rows::<L, E, QA>(std::array::from_fn(e), &rows, vw, std::array::from_fn(out));
+        } else {
+            weighted_rows::<L, E, 1>([e(0)], &rows, vw, [out(0)]);
+        }
+        a0 += qa;
+    }
+}
+
+/// All `vw` value columns of [`weighted_rows_tile`]: tiles of `KB` vectors, then single vectors,
+/// then single columns.
+#[inline(always)]
+unsafe fn weighted_rows<L: Lanes, E: Row, const Q: usize>(
+    e: [*const f32; Q],
+    rows: &[*const E],
+    vw: usize,
+    o: [*mut f32; Q],
+) {
+    let mut col = 0;
+    while col + KB * L::N <= vw {
+        weighted_rows_tile::<L, E, Q, KB>(e, rows, col, o);
+        col += KB * L::N;
+    }
+    while col + L::N <= vw {
+        weighted_rows_tile::<L, E, Q, 1>(e, rows, col, o);
+        col += L::N;
+    }
+    for col in col..vw {
+        for a in 0..Q {
+            *o[a].add(col) = rows.iter().enumerate().map(|(t, &r)| *e[a].add(t) * (*r.add(col)).get()).sum();
         }
     }
 }
@@ -511,8 +305,9 @@ pub fn latent_attention_with(isa: Isa, p: &LatentAttention) -> Vec<f32> {
                     }
                     let f = (states[i].max - max).exp();
                     sum += states[i].sum * f;
-                    // SAFETY: the portable loop needs no instruction set.
-                    unsafe { Scalar::axpy(dst, f, &partial_o[i * vw..(i + 1) * vw]) };
+                    for (d, &v) in dst.iter_mut().zip(&partial_o[i * vw..(i + 1) * vw]) {
+                        *d += f * v;
+                    }
                 }
                 let inv = 1.0 / sum;
                 dst.iter_mut().for_each(|v| *v *= inv);

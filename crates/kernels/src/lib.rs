@@ -58,6 +58,7 @@ macro_rules! four_by_three_sweep {
 
 mod avx2;
 mod avx512;
+mod latent_tiles;
 mod neon;
 mod portable;
 
@@ -201,6 +202,7 @@ pub fn grouped_gemm_into_with(isa: Isa, problems: &[Problem], outs: &mut [&mut [
 }
 
 /// bf16 bits of an f32, rounding to nearest even (NaN stays NaN).
+#[inline(always)]
 pub fn bf16_bits(v: f32) -> u16 {
     let b = v.to_bits();
     if v.is_nan() {

@@ -4,8 +4,8 @@
 //! is ~100 small libtorch ops per layer (a select, copies and casts per expert and product, the
 //! SwiGLU, the weighting and a scatter), which cost more than the products' own weight reads.
 
-use crate::rows::Elem;
-use crate::{bf16_bits, grouped_gemm_into, Problem, Weights};
+use crate::rows::{add_scaled_row, round_bf16, swiglu_row};
+use crate::{grouped_gemm_into, Problem, Weights};
 
 /// One active expert: its tokens (rows of `x`), their routing weights, and its matrices.
 pub struct ExpertRun<'a> {
@@ -28,7 +28,6 @@ pub fn routed_experts(
     bf16: bool,
     out: &mut [f32],
 ) {
-    let r = |v: f32| if bf16 { u16::round(v) } else { v };
     let total: usize = runs.iter().map(|e| e.tokens.len()).sum();
     assert!(out.len() == x.len() && x.len().is_multiple_of(hidden));
     let n_tok = x.len() / hidden;
@@ -37,17 +36,23 @@ pub fn routed_experts(
         assert!(e.tokens.iter().all(|&t| t >= 0 && (t as usize) < n_tok), "expert token outside the batch");
         assert!(matches!(e.gate_up.len(), 1 | 2), "gate and up are one or two products");
     }
-    // Each run's rows side by side.
-    let mut xs = vec![0f32; total * hidden];
-    let mut row = 0;
-    for e in runs {
+    // bf16 bits of each token's row, once (not once per expert it goes to).
+    let mut xb_tok = vec![0u16; if bf16 { x.len() } else { 0 }];
+    if bf16 {
+        round_bf16(x, &mut xb_tok);
+    }
+    // A run of one token reads that token's row in place; longer runs get their rows side by side.
+    let gathered: usize = runs.iter().filter(|e| e.tokens.len() > 1).map(|e| e.tokens.len()).sum();
+    let (mut xs, mut xb) = (Vec::with_capacity(gathered * hidden), Vec::new());
+    for e in runs.iter().filter(|e| e.tokens.len() > 1) {
         for &t in e.tokens {
-            xs[row * hidden..(row + 1) * hidden]
-                .copy_from_slice(&x[t as usize * hidden..(t as usize + 1) * hidden]);
-            row += 1;
+            let row = t as usize * hidden..(t as usize + 1) * hidden;
+            xs.extend_from_slice(&x[row.clone()]);
+            if bf16 {
+                xb.extend_from_slice(&xb_tok[row]);
+            }
         }
     }
-    let xb: Vec<u16> = if bf16 { xs.iter().map(|&v| bf16_bits(v)).collect() } else { vec![] };
     // Gate/up products: one per matrix of each run.
     let mut problems = Vec::new();
     let mut sizes = Vec::new();
@@ -55,18 +60,18 @@ pub fn routed_experts(
     for e in runs {
         let m = e.tokens.len();
         let n = if e.gate_up.len() == 1 { 2 * inter } else { inter };
+        let (rows, xr, xbr): (_, &[f32], &[u16]) = if m == 1 {
+            let t = e.tokens[0] as usize;
+            (t * hidden..(t + 1) * hidden, x, &xb_tok)
+        } else {
+            r0 += m;
+            ((r0 - m) * hidden..r0 * hidden, &xs, &xb)
+        };
         for w in &e.gate_up {
-            problems.push(Problem {
-                x: &xs[r0 * hidden..(r0 + m) * hidden],
-                x_bf16: bf16.then(|| &xb[r0 * hidden..(r0 + m) * hidden]),
-                w: *w,
-                m,
-                n,
-                k: hidden,
-            });
+            let x_bf16 = bf16.then(|| &xbr[rows.clone()]);
+            problems.push(Problem { x: &xr[rows.clone()], x_bf16, w: *w, m, n, k: hidden });
             sizes.push(m * n);
         }
-        r0 += m;
     }
     let mut gu = vec![0f32; sizes.iter().sum()];
     let mut outs: Vec<&mut [f32]> = Vec::with_capacity(sizes.len());
@@ -78,8 +83,9 @@ pub fn routed_experts(
     }
     grouped_gemm_into(&problems, &mut outs);
     drop(outs);
-    // SwiGLU per row: silu(gate) · up.
+    // SwiGLU per row: silu(gate) · up, with its bf16 bits for the down products.
     let mut act = vec![0f32; total * inter];
+    let mut ab = vec![0u16; if bf16 { total * inter } else { 0 }];
     let (mut off, mut row) = (0, 0);
     for e in runs {
         let m = e.tokens.len();
@@ -94,15 +100,12 @@ pub fn routed_experts(
                 )
             };
             let a = &mut act[(row + i) * inter..(row + i + 1) * inter];
-            for k in 0..inter {
-                let gv = r(g[k]);
-                a[k] = r(r(gv / (1.0 + (-gv).exp())) * r(u[k]));
-            }
+            let bits = if bf16 { &mut ab[(row + i) * inter..(row + i + 1) * inter] } else { &mut [] };
+            swiglu_row(g, u, a, bits, bf16);
         }
         off += m * 2 * inter;
         row += m;
     }
-    let ab: Vec<u16> = if bf16 { act.iter().map(|&v| bf16_bits(v)).collect() } else { vec![] };
     let mut problems = Vec::with_capacity(runs.len());
     let mut r0 = 0;
     for e in runs {
@@ -134,10 +137,7 @@ pub fn routed_experts(
     for e in runs {
         for (&t, &w) in e.tokens.iter().zip(e.weights) {
             let y = &ys[row * hidden..(row + 1) * hidden];
-            let o = &mut out[t as usize * hidden..(t as usize + 1) * hidden];
-            for k in 0..hidden {
-                o[k] = r(o[k] + r(r(y[k]) * w));
-            }
+            add_scaled_row(&mut out[t as usize * hidden..(t as usize + 1) * hidden], y, w, bf16);
             row += 1;
         }
     }
@@ -146,7 +146,7 @@ pub fn routed_experts(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bf16_to_f32;
+    use crate::{bf16_bits, bf16_to_f32};
 
     /// Two experts (one fused gate/up, one split), shared tokens, in f32 against a float64 loop.
     #[test]

@@ -133,30 +133,121 @@ pub fn causal_softmax(
     pool::global().for_each(rows.div_ceil(ROWS_PER_TASK), &run);
 }
 
-/// [`softmax_row`] compiled for the instruction set (the same source: the compiler vectorises its
-/// lane loops to the widest registers the features allow).
-///
-/// # Safety
-/// The CPU supports `isa`.
-unsafe fn softmax_row_on(isa: crate::Isa, v: &mut [f32], scale: f32, bf16: bool) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-        unsafe fn avx512(v: &mut [f32], scale: f32, bf16: bool) {
-            softmax_row(v, scale, bf16)
+/// `$name(isa, args..)`: the `#[inline(always)]` function `$inner(args..)` compiled for the
+/// instruction set (the same source inlined into functions with each set's features, so the
+/// compiler vectorises its lane loops to the widest registers they allow).
+macro_rules! compiled_for_isa {
+    ($(#[$m:meta])* $vis:vis unsafe fn $name:ident($($a:ident: $t:ty),*) = $inner:path) => {
+        $(#[$m])*
+        /// # Safety
+        /// The CPU supports `isa`.
+        $vis unsafe fn $name(isa: crate::Isa, $($a: $t),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+                unsafe fn avx512($($a: $t),*) {
+                    $inner($($a),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($a: $t),*) {
+                    $inner($($a),*)
+                }
+                match isa {
+                    crate::Isa::Avx512Bf16 | crate::Isa::Avx512 => return avx512($($a),*),
+                    crate::Isa::Avx2 => return avx2($($a),*),
+                    _ => {}
+                }
+            }
+            let _ = isa;
+            $inner($($a),*)
         }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(v: &mut [f32], scale: f32, bf16: bool) {
-            softmax_row(v, scale, bf16)
-        }
-        match isa {
-            crate::Isa::Avx512Bf16 | crate::Isa::Avx512 => return avx512(v, scale, bf16),
-            crate::Isa::Avx2 => return avx2(v, scale, bf16),
-            _ => {}
-        }
+    };
+}
+
+compiled_for_isa!(
+    /// [`softmax_row`] compiled for the instruction set.
+    unsafe fn softmax_row_on(v: &mut [f32], scale: f32, bf16: bool) = softmax_row
+);
+
+/// `silu(g) = g · σ(g)` with `σ` from [`exp_nonpositive`] of `−|g|` (no libm call, so it
+/// vectorises): within a few f32 ulps of `g / (1 + e⁻ᵍ)`.
+#[inline(always)]
+pub fn silu(g: f32) -> f32 {
+    let e = exp_nonpositive(-g.abs());
+    let s = 1.0 / (1.0 + e);
+    g * if g >= 0.0 { s } else { e * s }
+}
+
+/// SwiGLU of one row: `out[i] = R(R(silu(R(g[i]))) · R(u[i]))`, `R` rounding to bf16 when `bf16`
+/// (the tensor form's silu and product in bf16), the identity otherwise; and `out`'s bf16 bits
+/// into `bits` when it is not empty.
+pub fn swiglu_row(g: &[f32], u: &[f32], out: &mut [f32], bits: &mut [u16], bf16: bool) {
+    assert!(g.len() == out.len() && u.len() == out.len() && (bits.is_empty() || bits.len() == out.len()));
+    // SAFETY: the process's path, which this CPU supports.
+    unsafe { swiglu_on(crate::isa::selected(), g, u, out, bits, bf16) }
+}
+
+compiled_for_isa!(unsafe fn swiglu_on(g: &[f32], u: &[f32], out: &mut [f32], bits: &mut [u16], bf16: bool) = swiglu);
+
+#[inline(always)]
+fn swiglu(g: &[f32], u: &[f32], out: &mut [f32], bits: &mut [u16], bf16: bool) {
+    let r = |x: f32| if bf16 { u16::round(x) } else { x };
+    for ((o, &gv), &uv) in out.iter_mut().zip(g).zip(u) {
+        *o = r(r(silu(r(gv))) * r(uv));
     }
-    let _ = isa;
-    softmax_row(v, scale, bf16)
+    if !bits.is_empty() {
+        round(out, bits);
+    }
+}
+
+/// `o[i] = R(o[i] + R(R(y[i]) · w))` (see [`swiglu_row`] for `R`): a routing-weighted expert
+/// output added into a token's row as the tensor form in bf16 rounds it.
+pub fn add_scaled_row(o: &mut [f32], y: &[f32], w: f32, bf16: bool) {
+    assert_eq!(o.len(), y.len());
+    // SAFETY: the process's path, which this CPU supports.
+    unsafe { add_scaled_on(crate::isa::selected(), o, y, w, bf16) }
+}
+
+compiled_for_isa!(unsafe fn add_scaled_on(o: &mut [f32], y: &[f32], w: f32, bf16: bool) = add_scaled);
+
+#[inline(always)]
+fn add_scaled(o: &mut [f32], y: &[f32], w: f32, bf16: bool) {
+    let r = |x: f32| if bf16 { u16::round(x) } else { x };
+    for (o, &yv) in o.iter_mut().zip(y) {
+        *o = r(*o + r(r(yv) * w));
+    }
+}
+
+/// `dst[i] = f32(src[i])` for bf16 bits `src`, vectorised for the process's instruction set.
+pub fn widen_bf16(src: &[u16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len());
+    // SAFETY: the process's path, which this CPU supports.
+    unsafe { widen_on(crate::isa::selected(), src, dst) }
+}
+
+compiled_for_isa!(unsafe fn widen_on(src: &[u16], dst: &mut [f32]) = widen);
+
+#[inline(always)]
+fn widen(src: &[u16], dst: &mut [f32]) {
+    for (d, &b) in dst.iter_mut().zip(src) {
+        *d = bf16_to_f32(b);
+    }
+}
+
+/// `dst[i]` = bf16 bits of `src[i]` (nearest even), vectorised for the process's instruction set.
+pub fn round_bf16(src: &[f32], dst: &mut [u16]) {
+    assert_eq!(src.len(), dst.len());
+    // SAFETY: the process's path, which this CPU supports.
+    unsafe { round_on(crate::isa::selected(), src, dst) }
+}
+
+compiled_for_isa!(unsafe fn round_on(src: &[f32], dst: &mut [u16]) = round);
+
+#[inline(always)]
+fn round(src: &[f32], dst: &mut [u16]) {
+    for (d, &v) in dst.iter_mut().zip(src) {
+        *d = bf16_bits(v);
+    }
 }
 
 /// Lanes of the row loops: independent accumulators the compiler keeps in vector registers (f32
@@ -254,6 +345,72 @@ mod tests {
         assert!(worst < 5e-7, "relative error {worst}");
         assert_eq!(exp_nonpositive(0.0), 1.0);
         assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+    }
+
+    #[test]
+    fn silu_matches_its_definition() {
+        let mut worst = 0f64;
+        let mut g = -95.0f32;
+        while g <= 95.0 {
+            let want = g as f64 / (1.0 + (-(g as f64)).exp());
+            let got = silu(g) as f64;
+            worst = worst.max((got - want).abs() / want.abs().max(1e-30));
+            g += 0.001_37;
+        }
+        assert!(worst < 2e-6, "relative error {worst}");
+        assert_eq!(silu(0.0), 0.0);
+        assert_eq!(silu(f32::INFINITY), f32::INFINITY);
+        assert!(silu(f32::NAN).is_nan());
+    }
+
+    /// SwiGLU, the weighted add and both conversions on every path the CPU has, against their
+    /// definitions (libm's `exp`, one element at a time): f32 within 1e-6, bf16 equal but for
+    /// rare ties of the rounding (then one bf16 step apart).
+    #[test]
+    fn row_ops_match_definitions_on_every_path() {
+        let n = 1000;
+        let g: Vec<f32> = (0..n).map(|i| bf16_to_f32(bf16_bits((i as f32 * 0.731).sin() * 9.0))).collect();
+        let u: Vec<f32> = (0..n).map(|i| bf16_to_f32(bf16_bits((i as f32 * 0.377).cos() * 3.0))).collect();
+        let step = |a: f32, b: f32| (bf16_bits(a) as i32 - bf16_bits(b) as i32).abs();
+        for isa in crate::isa::ALL {
+            if !isa.supported() {
+                println!("skipping kernel path {isa}: not supported by this CPU");
+                continue;
+            }
+            for bf16 in [false, true] {
+                let r = |x: f32| if bf16 { u16::round(x) } else { x };
+                let (mut out, mut bits) = (vec![0f32; n], vec![0u16; if bf16 { n } else { 0 }]);
+                // SAFETY: `isa` is supported (checked above).
+                unsafe { swiglu_on(isa, &g, &u, &mut out, &mut bits, bf16) };
+                let mut acc: Vec<f32> = u.iter().map(|v| v * 0.5).collect();
+                unsafe { add_scaled_on(isa, &mut acc, &g, 0.3, bf16) };
+                let mut ties = 0;
+                for i in 0..n {
+                    let want = r(r(g[i] / (1.0 + (-g[i]).exp())) * u[i]);
+                    let sum = r(u[i] * 0.5 + r(r(g[i]) * 0.3));
+                    if bf16 {
+                        assert_eq!(bits[i], bf16_bits(out[i]), "{isa}: bits of element {i}");
+                        assert_eq!(acc[i], sum, "{isa}: weighted add of element {i}");
+                        if out[i] != want {
+                            assert_eq!(step(out[i], want), 1, "{isa}: element {i}: {} vs {want}", out[i]);
+                            ties += 1;
+                        }
+                    } else {
+                        assert!((out[i] - want).abs() <= 1e-6 * want.abs().max(1.0), "{isa}: {i}");
+                        assert!((acc[i] - (u[i] * 0.5 + g[i] * 0.3)).abs() < 1e-6, "{isa}: {i}");
+                    }
+                }
+                assert!(ties <= n / 100, "{isa}: {ties} rounding ties");
+                let (mut wide, mut back) = (vec![0f32; n], vec![0u16; n]);
+                let src: Vec<u16> = g.iter().map(|&v| bf16_bits(v * 1.001)).collect();
+                unsafe { widen_on(isa, &src, &mut wide) };
+                unsafe { round_on(isa, &wide, &mut back) };
+                assert_eq!(back, src, "{isa}: bf16 -> f32 -> bf16");
+                let odd: Vec<f32> = g.iter().map(|v| v * 1.000_01 + 1e-3).collect();
+                unsafe { round_on(isa, &odd, &mut back) };
+                assert!(odd.iter().zip(&back).all(|(&v, &b)| b == bf16_bits(v)), "{isa}: rounding");
+            }
+        }
     }
 
     #[test]

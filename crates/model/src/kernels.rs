@@ -6,7 +6,7 @@
 //! small op, and its bf16 GEMMs are several times slower than f32 on CPUs without native bf16.
 //! The kernel path (instruction set) is the process's, chosen once (`MLASERVE_KERNEL`).
 
-use mlaserve_kernels::{bf16_bits, bf16_to_f32, Fp8, Problem, Weights};
+use mlaserve_kernels::{rows, Fp8, Problem, Weights};
 use tch::{Device, Kind, Tensor};
 
 pub use mlaserve_kernels::isa::{self, Isa};
@@ -93,9 +93,7 @@ pub fn grouped_linear(pairs: &[(&Tensor, &Weight)]) -> Vec<Tensor> {
                 let b = Tensor::empty(o.size(), (Kind::BFloat16, Device::Cpu));
                 // SAFETY: a fresh contiguous bf16 tensor with as many elements as `v`, viewed once.
                 let bits = unsafe { std::slice::from_raw_parts_mut(b.data_ptr() as *mut u16, v.len()) };
-                for (d, &f) in bits.iter_mut().zip(v.iter()) {
-                    *d = bf16_bits(f);
-                }
+                rows::round_bf16(v, bits);
                 b
             }
         })
@@ -127,7 +125,14 @@ fn run_into(xs: &[Tensor], pairs: &[(&Tensor, &Weight)], views: &mut [&mut [f32]
     let here = |t: &Tensor| t.kind() == Kind::BFloat16 && t.numel() <= HOST_CONVERT_MAX;
     let widened: Vec<Option<Vec<f32>>> = xs
         .iter()
-        .map(|x| here(x).then(|| elems::<u16>(x, Kind::BFloat16).iter().map(|&b| bf16_to_f32(b)).collect()))
+        .map(|x| {
+            here(x).then(|| {
+                let b = elems::<u16>(x, Kind::BFloat16);
+                let mut v = vec![0f32; b.len()];
+                rows::widen_bf16(b, &mut v);
+                v
+            })
+        })
         .collect();
     let f32s: Vec<Option<Tensor>> =
         xs.iter().map(|x| (!here(x)).then(|| x.to_kind(Kind::Float).contiguous())).collect();
@@ -169,8 +174,22 @@ pub(crate) type ExpertRows<'a> = (&'a [i64], &'a [f32], &'a [Weight], &'a Weight
 pub(crate) fn routed_experts(x: &Tensor, runs: &[ExpertRows], inter: usize) -> Tensor {
     use mlaserve_kernels::moe::ExpertRun;
     let kind = x.kind();
-    let xf = x.to_kind(Kind::Float).contiguous();
+    let x = x.contiguous();
     let (n, h) = (x.size()[0], x.size()[1]);
+    // bf16 rows widened and the sum rounded back here, not by two libtorch casts.
+    let (widened, xt);
+    let xf: &[f32] = if kind == Kind::BFloat16 {
+        let b = elems::<u16>(&x, Kind::BFloat16);
+        widened = {
+            let mut v = vec![0f32; b.len()];
+            rows::widen_bf16(b, &mut v);
+            v
+        };
+        &widened
+    } else {
+        xt = x.to_kind(Kind::Float).contiguous();
+        elems(&xt, Kind::Float)
+    };
     let experts: Vec<ExpertRun> = runs
         .iter()
         .map(|(tokens, weights, gu, down)| ExpertRun {
@@ -181,19 +200,16 @@ pub(crate) fn routed_experts(x: &Tensor, runs: &[ExpertRows], inter: usize) -> T
         })
         .collect();
     let mut out = vec![0f32; (n * h) as usize];
-    mlaserve_kernels::moe::routed_experts(
-        elems(&xf, Kind::Float),
-        h as usize,
-        inter,
-        &experts,
-        kind == Kind::BFloat16,
-        &mut out,
-    );
-    let y = Tensor::from_slice(&out).view([n, h]);
-    if kind == Kind::Float {
-        y
-    } else {
-        y.to_kind(kind)
+    mlaserve_kernels::moe::routed_experts(xf, h as usize, inter, &experts, kind == Kind::BFloat16, &mut out);
+    match kind {
+        Kind::BFloat16 => {
+            let y = Tensor::empty([n, h], (Kind::BFloat16, Device::Cpu));
+            // SAFETY: a fresh contiguous bf16 tensor of out.len() elements, viewed once.
+            let bits = unsafe { std::slice::from_raw_parts_mut(y.data_ptr() as *mut u16, out.len()) };
+            rows::round_bf16(&out, bits);
+            y
+        }
+        _ => Tensor::from_slice(&out).view([n, h]).to_kind(kind),
     }
 }
 
@@ -223,6 +239,37 @@ pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Option<Tensor> {
         go!(f32)
     } else {
         go!(u16)
+    }
+    Some(out)
+}
+
+/// SwiGLU of `gu [N, 2I]` (gate columns first): `silu(gate) · up`, `[N, I]` in `gu`'s kind,
+/// rounded as the tensor form in that kind (see `rows::swiglu_row`); None when the tensor is not
+/// for the row kernels.
+pub(crate) fn swiglu(gu: &Tensor, inter: usize) -> Option<Tensor> {
+    let kind = rows_kind(&[gu])?;
+    let gu = gu.contiguous();
+    if gu.dim() != 2 || gu.size()[1] as usize != 2 * inter {
+        return None;
+    }
+    let n = gu.size()[0] as usize;
+    let out = Tensor::empty([n as i64, inter as i64], (kind, Device::Cpu));
+    let bf16 = kind == Kind::BFloat16;
+    let mut row = vec![0f32; 2 * inter];
+    let mut act = vec![0f32; inter];
+    for r in 0..n {
+        // SAFETY: `out` is fresh, contiguous, [n, inter] of `kind`; row r is written once.
+        if bf16 {
+            rows::widen_bf16(&elems::<u16>(&gu, kind)[r * 2 * inter..(r + 1) * 2 * inter], &mut row);
+            let bits =
+                unsafe { std::slice::from_raw_parts_mut((out.data_ptr() as *mut u16).add(r * inter), inter) };
+            rows::swiglu_row(&row[..inter], &row[inter..], &mut act, bits, true);
+        } else {
+            let g = &elems::<f32>(&gu, kind)[r * 2 * inter..(r + 1) * 2 * inter];
+            let o =
+                unsafe { std::slice::from_raw_parts_mut((out.data_ptr() as *mut f32).add(r * inter), inter) };
+            rows::swiglu_row(&g[..inter], &g[inter..], o, &mut [], false);
+        }
     }
     Some(out)
 }
@@ -350,6 +397,31 @@ mod tests {
         let grid = [(n as usize).div_ceil(block.0) as i64, (k as usize).div_ceil(block.1) as i64];
         let scale = Tensor::rand(grid, (Kind::Float, Device::Cpu)) * 0.01 + 0.001;
         Weight::Fp8 { q: w.to_kind(Kind::Float8e4m3fn), scale, block }
+    }
+
+    /// The SwiGLU row kernel against libtorch's `silu(gate) * up` in the same kind: f32 within
+    /// 1e-5, bf16 equal but for rare rounding ties (one bf16 step).
+    #[test]
+    fn swiglu_matches_libtorch() {
+        tch::manual_seed(5);
+        for (n, i) in [(1i64, 256i64), (7, 37)] {
+            for kind in [Kind::Float, Kind::BFloat16] {
+                let gu = (Tensor::randn([n, 2 * i], (Kind::Float, Device::Cpu)) * 4.0).to_kind(kind);
+                let want = gu.narrow(-1, 0, i).silu() * gu.narrow(-1, i, i);
+                let got = swiglu(&gu, i as usize).expect("a CPU tensor of a row kind");
+                assert_eq!(got.kind(), kind);
+                let d = (got.to_kind(Kind::Float) - want.to_kind(Kind::Float)).abs();
+                if kind == Kind::Float {
+                    assert!(d.max().double_value(&[]) < 1e-5);
+                } else {
+                    let off = d.gt(0.0).sum(Kind::Int64).int64_value(&[]);
+                    assert!(off * 100 <= n * i, "{off} of {} differ", n * i);
+                    let rel = d / want.to_kind(Kind::Float).abs().clamp_min(1e-3);
+                    assert!(rel.max().double_value(&[]) <= 1.0 / 128.0, "more than a bf16 step");
+                }
+            }
+        }
+        assert!(swiglu(&Tensor::zeros([2, 5], (Kind::Float, Device::Cpu)), 2).is_none(), "odd width");
     }
 
     /// Every weight format and activation kind on the process's kernel path, against libtorch in

@@ -31,7 +31,9 @@ impl Mlp {
         let act = match &self.up {
             GateUp::Fused(gu) => {
                 let gu = gu.forward(x);
-                gu.narrow(-1, 0, self.inter).silu() * gu.narrow(-1, self.inter, self.inter)
+                kernels::swiglu(&gu, self.inter as usize).unwrap_or_else(|| {
+                    gu.narrow(-1, 0, self.inter).silu() * gu.narrow(-1, self.inter, self.inter)
+                })
             }
             GateUp::Split(g, u) => {
                 let (g, u) = if kernels::use_for(x, g) && kernels::use_for(x, u) {
