@@ -16,7 +16,9 @@ use crate::latent_tiles::{dot_tile, weighted_rows_tile, Lanes, Row, Scalar};
 use crate::latent_tiles::{Avx2, Avx512};
 use crate::pool::SendPtr;
 use crate::rows::exp_nonpositive;
-use crate::{bf16_bits, bf16_to_f32, pool, Isa, Weights};
+use crate::{pool, Isa};
+
+pub use crate::mla_decode::{mla_decode, mla_decode_with, MlaDecode};
 
 /// The latent cache, `[slots, width]` row-major.
 #[derive(Clone, Copy)]
@@ -58,14 +60,34 @@ pub struct LatentAttention<'a> {
     pub seqs: &'a [SeqKeys<'a>],
 }
 
+impl LatentAttention<'_> {
+    /// Checks the shapes (every slot inside the cache included); returns the number of query rows.
+    pub(crate) fn check(&self) -> usize {
+        let (h, w, vw) = (self.heads, self.width, self.value_width);
+        assert!(vw <= w && w > 0, "value width {vw} exceeds row width {w}");
+        let rows = self.seqs.iter().map(|s| s.row + s.new).max().unwrap_or(0);
+        assert!(self.q.len() >= rows * h * w, "queries too small");
+        let slots = self.cache.len() / w;
+        for s in self.seqs {
+            assert!(s.slots.len() >= s.cached + s.new, "sequence at row {}: too few slots", s.row);
+            assert!(
+                s.slots[..s.cached + s.new].iter().all(|&x| x >= 0 && (x as usize) < slots),
+                "sequence at row {}: slot outside the cache",
+                s.row
+            );
+        }
+        rows
+    }
+}
+
 /// Keys per task: a block's cache rows (≤ 288 KiB in bf16 at DeepSeek-V3's width of 576) stay in L2
 /// while every head and query reads them.
-const KEYS_PER_TASK: usize = 256;
+pub(crate) const KEYS_PER_TASK: usize = 256;
 
 /// A task's running softmax state for one (query, head): max, sum of exp, and Σ exp · value.
-struct Partial {
-    max: f32,
-    sum: f32,
+pub(crate) struct Partial {
+    pub(crate) max: f32,
+    pub(crate) sum: f32,
 }
 
 /// One task: sequence `s`, keys `k0..k1`, heads `t.h0..t.h1`. Writes, for each (query, head) that
@@ -185,11 +207,33 @@ unsafe fn weighted_rows<L: Lanes, E: Row, const Q: usize>(
 
 /// A unit of work: sequence `seq`, keys `k0..k1`, heads `h0..h1`.
 pub(crate) struct Task {
-    seq: usize,
-    k0: usize,
-    k1: usize,
-    h0: usize,
-    h1: usize,
+    pub(crate) seq: usize,
+    pub(crate) k0: usize,
+    pub(crate) k1: usize,
+    pub(crate) h0: usize,
+    pub(crate) h1: usize,
+}
+
+/// [`block`] on the given path.
+///
+/// # Safety
+/// The CPU supports `isa`; `p` was checked (slots inside the cache, queries large enough);
+/// `states` and `o` hold the task's `new · (h1 - h0)` rows.
+pub(crate) unsafe fn block_on(
+    isa: Isa,
+    p: &LatentAttention,
+    s: &SeqKeys,
+    t: &Task,
+    st: &mut [Partial],
+    o: &mut [f32],
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Bf16 | Isa::Avx512 => block_avx512(p, s, t, st, o),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => block_avx2(p, s, t, st, o),
+        _ => block::<Scalar>(p, s, t, st, o),
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -216,19 +260,8 @@ pub fn latent_attention(p: &LatentAttention) -> Vec<f32> {
 /// outside the cache included).
 pub fn latent_attention_with(isa: Isa, p: &LatentAttention) -> Vec<f32> {
     assert!(isa.supported(), "kernel path {isa} is not supported by this CPU");
-    let (h, w, vw) = (p.heads, p.width, p.value_width);
-    assert!(vw <= w && w > 0, "value width {vw} exceeds row width {w}");
-    let rows = p.seqs.iter().map(|s| s.row + s.new).max().unwrap_or(0);
-    assert!(p.q.len() >= rows * h * w, "queries too small");
-    let slots = p.cache.len() / w;
-    for s in p.seqs {
-        assert!(s.slots.len() >= s.cached + s.new, "sequence at row {}: too few slots", s.row);
-        assert!(
-            s.slots[..s.cached + s.new].iter().all(|&x| x >= 0 && (x as usize) < slots),
-            "sequence at row {}: slot outside the cache",
-            s.row
-        );
-    }
+    let (h, vw) = (p.heads, p.value_width);
+    let rows = p.check();
     // Tasks: (sequence, key block, head group), each with its own partial buffers. Heads are
     // grouped so that a short batch still gives every thread work; a block's cache rows are read
     // once per group.
@@ -269,17 +302,8 @@ pub fn latent_attention_with(isa: Isa, p: &LatentAttention) -> Vec<f32> {
                 std::slice::from_raw_parts_mut(op.get().add(a * vw), (b - a) * vw),
             )
         };
-        let s = &p.seqs[t.seq];
         // SAFETY: `isa` is supported (checked above); slices were bounds-checked.
-        unsafe {
-            match isa {
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx512Bf16 | Isa::Avx512 => block_avx512(p, s, t, st, o),
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => block_avx2(p, s, t, st, o),
-                _ => block::<Scalar>(p, s, t, st, o),
-            }
-        }
+        unsafe { block_on(isa, p, &p.seqs[t.seq], t, st, o) };
     };
     pool::global().for_each(tasks.len(), &run);
 
@@ -318,134 +342,10 @@ pub fn latent_attention_with(isa: Isa, p: &LatentAttention) -> Vec<f32> {
     out
 }
 
-/// The whole absorbed decode core of a layer in three parallel regions: queries folded through
-/// W_UK into latent space, [`latent_attention`], and `o_lat` mapped through W_UV. Replaces per-head
-/// products and their tensor glue (transposes, copies, stacks: ~20 small ops a layer).
-pub struct MlaDecode<'a> {
-    /// `[rows, heads, dn]` and `[rows, heads, dr]` (rotated), f32.
-    pub q_nope: &'a [f32],
-    pub q_pe: &'a [f32],
-    /// `W_UK` per head transposed, `[heads, rkv, dn]`; `W_UV`, `[heads, dv, rkv]` (f32, bf16, or FP8
-    /// with each head's block-scale grid after the previous head's).
-    pub w_uk_t: Weights<'a>,
-    pub w_uv: Weights<'a>,
-    pub cache: CacheRows<'a>,
-    pub heads: usize,
-    pub dn: usize,
-    pub dr: usize,
-    pub dv: usize,
-    pub rkv: usize,
-    pub scale: f32,
-    pub seqs: &'a [SeqKeys<'a>],
-    /// Round the absorbed query and `o_lat` to bf16, as bf16 activations would hold them.
-    pub round_bf16: bool,
-}
-
-/// Per head `h`: `out[r, h, i] = Σ_k w[h, i, k] · x[r, h, k]` for `x [m, heads, k]`, `w [heads, n, k]`,
-/// `out [m, heads, out_width]` (the first `n` of each row written): one grouped product of the GEMM
-/// kernels (their streaming GEMV at one row, register tiles above), one problem per head.
-#[allow(clippy::too_many_arguments)]
-fn per_head(
-    isa: Isa,
-    w: &Weights,
-    heads: usize,
-    n: usize,
-    k: usize,
-    x: &[f32],
-    m: usize,
-    out: &mut [f32],
-    out_width: usize,
-    x_is_bf16: bool,
-) {
-    let head_w = |h: usize| match w {
-        Weights::F32(v) => Weights::F32(&v[h * n * k..(h + 1) * n * k]),
-        Weights::Bf16(v) => Weights::Bf16(&v[h * n * k..(h + 1) * n * k]),
-        // Each head's block grid follows the previous head's (heads start on block rows).
-        Weights::Fp8(f) => {
-            let grid = n.div_ceil(f.block_n) * k.div_ceil(f.block_k);
-            Weights::Fp8(crate::Fp8 {
-                q: &f.q[h * n * k..(h + 1) * n * k],
-                scale: &f.scale[h * grid..(h + 1) * grid],
-                ..*f
-            })
-        }
-    };
-    // Each head's rows side by side: [heads][m, k].
-    let mut xh = vec![0f32; heads * m * k];
-    for r in 0..m {
-        for h in 0..heads {
-            xh[(h * m + r) * k..(h * m + r + 1) * k]
-                .copy_from_slice(&x[(r * heads + h) * k..(r * heads + h + 1) * k]);
-        }
-    }
-    let xb: Vec<u16> = if x_is_bf16 { xh.iter().map(|&v| bf16_bits(v)).collect() } else { vec![] };
-    let problems: Vec<crate::Problem> = (0..heads)
-        .map(|h| crate::Problem {
-            x: &xh[h * m * k..(h + 1) * m * k],
-            x_bf16: x_is_bf16.then(|| &xb[h * m * k..(h + 1) * m * k]),
-            w: head_w(h),
-            m,
-            n,
-            k,
-        })
-        .collect();
-    let mut ys = vec![0f32; heads * m * n];
-    let mut outs: Vec<&mut [f32]> = ys.chunks_mut(m * n).collect();
-    crate::grouped_gemm_into_with(isa, &problems, &mut outs);
-    for h in 0..heads {
-        for r in 0..m {
-            out[(r * heads + h) * out_width..][..n]
-                .copy_from_slice(&ys[(h * m + r) * n..(h * m + r + 1) * n]);
-        }
-    }
-}
-
-fn round_all(v: &mut [f32]) {
-    for x in v {
-        *x = bf16_to_f32(bf16_bits(*x));
-    }
-}
-
-/// `[rows, heads, dv]` (f32) on the process's kernel path.
-pub fn mla_decode(p: &MlaDecode) -> Vec<f32> {
-    mla_decode_with(crate::isa::selected(), p)
-}
-
-/// [`mla_decode`] on a given path.
-pub fn mla_decode_with(isa: Isa, p: &MlaDecode) -> Vec<f32> {
-    assert!(isa.supported(), "kernel path {isa} is not supported by this CPU");
-    let (h, w) = (p.heads, p.rkv + p.dr);
-    let m = p.seqs.iter().map(|s| s.row + s.new).max().unwrap_or(0);
-    assert!(p.q_pe.len() >= m * h * p.dr, "rotary queries too small");
-    let mut qc = vec![0f32; m * h * w];
-    per_head(isa, &p.w_uk_t, h, p.rkv, p.dn, p.q_nope, m, &mut qc, w, p.round_bf16);
-    for (row, pe) in qc.chunks_exact_mut(w).zip(p.q_pe.chunks_exact(p.dr)) {
-        if p.round_bf16 {
-            round_all(&mut row[..p.rkv]);
-        }
-        row[p.rkv..].copy_from_slice(pe);
-    }
-    let a = LatentAttention {
-        q: &qc,
-        cache: p.cache,
-        heads: h,
-        width: w,
-        value_width: p.rkv,
-        scale: p.scale,
-        seqs: p.seqs,
-    };
-    let mut o_lat = latent_attention_with(isa, &a);
-    if p.round_bf16 {
-        round_all(&mut o_lat);
-    }
-    let mut out = vec![0f32; m * h * p.dv];
-    per_head(isa, &p.w_uv, h, p.dv, p.rkv, &o_lat, m, &mut out, p.dv, p.round_bf16);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{bf16_bits, bf16_to_f32, Weights};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 

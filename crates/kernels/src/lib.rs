@@ -59,6 +59,7 @@ macro_rules! four_by_three_sweep {
 mod avx2;
 mod avx512;
 mod latent_tiles;
+mod mla_decode;
 mod neon;
 mod portable;
 
@@ -173,32 +174,49 @@ pub fn grouped_gemm_into_with(isa: Isa, problems: &[Problem], outs: &mut [&mut [
         .filter(|(_, p)| p.m > 0 && p.n > 0)
         .flat_map(|(i, p)| (0..p.n).step_by(rows).map(move |n0| (i, n0, (n0 + rows).min(p.n))))
         .collect();
-    let run = |&(i, n0, n1): &(usize, usize, usize)| {
-        let p = &problems[i];
-        if p.k == 0 {
-            // SAFETY: columns n0..n1 of this problem's output belong to this task alone.
-            unsafe { portable::zero_columns(p, n0, n1, ptrs[i].0) };
-            return;
-        }
-        for m0 in (0..p.m).step_by(ROWS_PER_PASS) {
-            let m1 = (m0 + ROWS_PER_PASS).min(p.m);
-            let c = Cols { p, n0, n1, out: ptrs[i].0 };
-            // SAFETY: columns n0..n1 of this problem's output belong to this task alone; the
-            // buffers outlive the parallel region; sizes were checked above; `isa` is supported.
-            unsafe {
-                match isa {
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512Bf16 | Isa::Avx512 => avx512::columns(&c, m0, m1, isa == Isa::Avx512Bf16),
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => avx2::columns(&c, m0, m1),
-                    #[cfg(target_arch = "aarch64")]
-                    Isa::Neon => neon::columns(&c, m0, m1),
-                    _ => portable::columns(&c, m0, m1),
-                }
-            }
-        }
-    };
+    // SAFETY: columns n0..n1 of each task's problem output belong to that task alone; the buffers
+    // outlive the parallel region; sizes were checked above; `isa` is supported.
+    let run =
+        |&(i, n0, n1): &(usize, usize, usize)| unsafe { columns_on(isa, &problems[i], n0, n1, ptrs[i].0) };
     pool::global().for_each(tasks.len(), &|t| run(&tasks[t]));
+}
+
+/// Columns `n0..n1` of `p`'s output, all its input rows, on the calling thread.
+///
+/// # Safety
+/// `out` holds `p.m · p.n` floats of which no other thread writes these columns; `p` was checked;
+/// the CPU supports `isa`.
+unsafe fn columns_on(isa: Isa, p: &Problem, n0: usize, n1: usize, out: *mut f32) {
+    if p.k == 0 {
+        portable::zero_columns(p, n0, n1, out);
+        return;
+    }
+    for m0 in (0..p.m).step_by(ROWS_PER_PASS) {
+        let m1 = (m0 + ROWS_PER_PASS).min(p.m);
+        let c = Cols { p, n0, n1, out };
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Bf16 | Isa::Avx512 => avx512::columns(&c, m0, m1, isa == Isa::Avx512Bf16),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => avx2::columns(&c, m0, m1),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => neon::columns(&c, m0, m1),
+            _ => portable::columns(&c, m0, m1),
+        }
+    }
+}
+
+/// One product on the calling thread, for code that already runs as a task of the pool.
+///
+/// # Panics
+/// When `isa` is not supported by this CPU, or a buffer is smaller than the shape.
+pub(crate) fn gemm_here(isa: Isa, p: &Problem, out: &mut [f32]) {
+    assert!(isa.supported(), "kernel path {isa} is not supported by this CPU");
+    p.check(0, out.len());
+    if p.m > 0 && p.n > 0 {
+        // SAFETY: checked above; `out` is this caller's alone.
+        unsafe { columns_on(isa, p, 0, p.n, out.as_mut_ptr()) };
+    }
 }
 
 /// bf16 bits of an f32, rounding to nearest even (NaN stays NaN).
