@@ -124,10 +124,13 @@ impl Mla {
         let q_nope = q.narrow(2, 0, self.dn);
         let q_pe = rope::apply_rows(&q.narrow(2, self.dn, self.dr), &plan.cos, &plan.sin);
 
-        let latent = self.kv_norm.forward(&kv.narrow(1, 0, self.rkv));
-        let k_pe = rope::apply_rows(&kv.narrow(1, self.rkv, self.dr), &plan.cos, &plan.sin);
-        let _ =
-            cache.index_copy_(0, &plan.write_slots, &Tensor::cat(&[latent, k_pe], 1).to_kind(cache.kind()));
+        let norm = (self.kv_norm.weight(), self.kv_norm.eps());
+        if !kernels::write_latents(&kv, norm, (&plan.cos, &plan.sin), cache, &plan.write_slots) {
+            let latent = self.kv_norm.forward(&kv.narrow(1, 0, self.rkv));
+            let k_pe = rope::apply_rows(&kv.narrow(1, self.rkv, self.dr), &plan.cos, &plan.sin);
+            let latents = Tensor::cat(&[latent, k_pe], 1).to_kind(cache.kind());
+            let _ = cache.index_copy_(0, &plan.write_slots, &latents);
+        }
 
         drop(proj);
         let core = profile::section("attn.core");

@@ -11,6 +11,14 @@ impl RmsNorm {
         RmsNorm { weight, eps }
     }
 
+    pub(crate) fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub(crate) fn eps(&self) -> f64 {
+        self.eps
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
         if let Some(y) = crate::kernels::rms_norm(x, &self.weight, self.eps) {
             return y;
