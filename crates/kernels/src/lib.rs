@@ -62,6 +62,7 @@ mod latent_tiles;
 mod mla_decode;
 mod neon;
 mod portable;
+mod shares;
 
 pub use isa::Isa;
 
@@ -98,14 +99,42 @@ pub struct Problem<'a> {
     pub k: usize,
 }
 
-/// Output rows per task: enough to amortise scheduling, small enough to spread over the cores;
-/// a multiple of every tile height.
+/// Output rows per task of a prefill-sized group: enough to amortise scheduling, small enough to
+/// spread over the cores; a multiple of every tile height.
 const ROWS_PER_TASK: usize = 32;
-/// Contiguous rows per task: a long sequential read per task (the hardware prefetchers lose
-/// little at task boundaries), about four tasks per thread for balance.
+/// Contiguous rows per task of a prefill-sized group (compute-bound): about four tasks per thread
+/// from a shared queue, each reusing its input rows over all its weight rows.
 fn rows_per_task(n: usize) -> usize {
     let threads = pool::global().threads();
     (n.div_ceil(4 * threads).div_ceil(4) * 4).clamp(ROWS_PER_TASK, 4096)
+}
+
+/// Weight bytes per unit of a decode-sized group (memory-bound, one pass over its input rows): a
+/// unit's rows are a short stretch of its thread's stream (~1-3 µs), so the claim per unit costs
+/// little and a product ends within one unit on every thread.
+const UNIT_BYTES: usize = 64 << 10;
+
+fn unit_rows(p: &Problem) -> usize {
+    let elem = match p.w {
+        Weights::F32(_) => 4,
+        Weights::Bf16(_) => 2,
+        Weights::Fp8(_) => 1,
+    };
+    (UNIT_BYTES / (p.k * elem).max(1)).div_ceil(4).clamp(8, 1024) * 4
+}
+
+/// The group's pieces `(problem, n0, n1)` in order, each problem's output rows cut every
+/// `rows(problem)` rows.
+fn pieces(problems: &[Problem], rows: impl Fn(&Problem) -> usize) -> Vec<(usize, usize, usize)> {
+    problems
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.m > 0 && p.n > 0)
+        .flat_map(|(i, p)| {
+            let r = rows(p);
+            (0..p.n).step_by(r).map(move |n0| (i, n0, (n0 + r).min(p.n)))
+        })
+        .collect()
 }
 
 /// Input rows per pass over a task's weights: the pass's `x` stays in L2 while its weights stay in
@@ -164,21 +193,26 @@ pub fn grouped_gemm_into_with(isa: Isa, problems: &[Problem], outs: &mut [&mut [
         p.check(i, o.len());
     }
     let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
-    // Task size from the whole group's rows: a group of many small matrices (a layer's routed
-    // experts at decode) gets a task per matrix, one long read each, instead of 32-row pieces whose
-    // every start waits on memory (measured: 8 experts' FP8 products 200 -> 175 us).
-    let rows = rows_per_task(problems.iter().filter(|p| p.m > 0).map(|p| p.n).sum());
-    let tasks: Vec<(usize, usize, usize)> = problems
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| p.m > 0 && p.n > 0)
-        .flat_map(|(i, p)| (0..p.n).step_by(rows).map(move |n0| (i, n0, (n0 + rows).min(p.n))))
-        .collect();
-    // SAFETY: columns n0..n1 of each task's problem output belong to that task alone; the buffers
-    // outlive the parallel region; sizes were checked above; `isa` is supported.
-    let run =
-        |&(i, n0, n1): &(usize, usize, usize)| unsafe { columns_on(isa, &problems[i], n0, n1, ptrs[i].0) };
-    pool::global().for_each(tasks.len(), &|t| run(&tasks[t]));
+    let run = |&(i, n0, n1): &(usize, usize, usize)| {
+        // SAFETY: columns n0..n1 of piece's problem output belong to that piece alone; the
+        // buffers outlive the parallel region; sizes were checked above; `isa` is supported.
+        unsafe { columns_on(isa, &problems[i], n0, n1, ptrs[i].0) }
+    };
+    let pool = pool::global();
+    if problems.iter().all(|p| p.m <= ROWS_PER_PASS) {
+        // Decode: each thread reads a contiguous share of the group's rows in small units (a
+        // group of small matrices, a layer's routed experts, is a few whole matrices each: one
+        // long read, not pieces whose every start waits on memory), then steals units from the
+        // back of the others' shares.
+        let units = pieces(problems, unit_rows);
+        let shares = shares::Shares::new(units.len(), pool.threads());
+        pool.for_each(shares.parts().min(units.len()), &|p| shares.work(p, &|u| run(&units[u])));
+    } else {
+        // Prefill: tasks from a shared queue, sized from the whole group's rows.
+        let rows = rows_per_task(problems.iter().filter(|p| p.m > 0).map(|p| p.n).sum());
+        let tasks = pieces(problems, |_| rows);
+        pool.for_each(tasks.len(), &|t| run(&tasks[t]));
+    }
 }
 
 /// Columns `n0..n1` of `p`'s output, all its input rows, on the calling thread.
