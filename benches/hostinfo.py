@@ -159,8 +159,9 @@ def active_bytes(checkpoint: Path):
 
     Sections nest as in the code: `attention` holds attn.proj / attn.core (core.absorb_q,
     core.absorb_out: the two halves of kv_b_proj) / attn.o_proj; `moe` holds moe.route,
-    moe.experts (the routed experts) and moe.shared. The latent cache read (576 values per cached token) is not
-    counted: at short context it is far below the weights."""
+    moe.experts (the routed experts) and moe.shared, or moe.experts_shared (both in one kernel call).
+    The latent cache read (576 values per cached token) is not counted: at short context it is far
+    below the weights."""
     c = json.loads((checkpoint / "config.json").read_text())
     n_layers, k, n = c["num_hidden_layers"], c["num_experts_per_tok"], c["n_routed_experts"]
     dn, dv = c["qk_nope_head_dim"], c["v_head_dim"]
@@ -206,6 +207,8 @@ def active_bytes(checkpoint: Path):
         "moe.route": b["moe.route"],
         "moe.experts": routed,
         "moe.shared": b["moe.shared"],
+        # decode on the CPU: the routed and shared experts in one kernel call
+        "moe.experts_shared": routed + b["moe.shared"],
         "lm_head": b["lm_head"],
     }
     s["attention"] = s["attn.proj"] + s["attn.core"] + s["attn.o_proj"]

@@ -159,7 +159,7 @@ class LlamaCpp:
 # mlaserve's profile sections in forward order; the nested ones are indented in the report.
 SECTIONS = ["plan", "attention", "attn.proj", "attn.core", "core.absorb_q", "core.gather", "core.scores",
             "core.absorb_out", "attn.o_proj", "dense_mlp", "moe", "moe.route", "moe.experts", "moe.shared",
-            "lm_head", "sample"]
+            "moe.experts_shared", "lm_head", "sample"]
 TOP_LEVEL = {"plan", "attention", "dense_mlp", "moe", "lm_head", "sample"}
 
 

@@ -14,7 +14,7 @@ pub struct Mlp {
 
 enum GateUp {
     Fused(Linear),
-    Split(Weight, Weight),
+    Split([Weight; 2]),
 }
 
 impl Mlp {
@@ -22,9 +22,19 @@ impl Mlp {
         let inter = gate.size()[0];
         let up = match (gate, up) {
             (Weight::Dense(g), Weight::Dense(u)) => GateUp::Fused(Linear::new(Tensor::cat(&[g, u], 0))),
-            (g, u) => GateUp::Split(g, u),
+            (g, u) => GateUp::Split([g, u]),
         };
         Mlp { up, down: Linear::from_weight(down), inter }
+    }
+
+    /// Its matrices as one expert of the routed-experts kernel: gate/up (one fused `[2I, H]` or
+    /// two), down, and `I`.
+    pub(crate) fn as_expert(&self) -> (&[Weight], &Weight, i64) {
+        let gu = match &self.up {
+            GateUp::Fused(l) => std::slice::from_ref(l.weight()),
+            GateUp::Split(w) => &w[..],
+        };
+        (gu, self.down.weight(), self.inter)
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -35,7 +45,7 @@ impl Mlp {
                     gu.narrow(-1, 0, self.inter).silu() * gu.narrow(-1, self.inter, self.inter)
                 })
             }
-            GateUp::Split(g, u) => {
+            GateUp::Split([g, u]) => {
                 let (g, u) = if kernels::use_for(x, g) && kernels::use_for(x, u) {
                     let mut gu = kernels::grouped_linear(&[(x, g), (x, u)]);
                     let u = gu.pop().expect("two products");

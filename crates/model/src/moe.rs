@@ -134,11 +134,26 @@ impl ExpertShard {
     /// The CPU kernel form of [`ExpertShard::forward_partial`] (`kernels::routed_experts`): when
     /// routing was decided on the host and every matrix is one the kernels read.
     fn forward_partial_kernel(&self, x: &Tensor, d: &Dispatch, lo: usize, hi: usize) -> Option<Tensor> {
+        self.kernel_runs(x, d, lo, hi, None)
+    }
+
+    /// [`ExpertShard::forward_partial_kernel`] with `shared` (an expert of the same width, given
+    /// every token with weight 1) added last: a layer's whole FFN in one kernel call, two parallel
+    /// regions instead of four. Its output is added after the routed sum, rounded as
+    /// `routed + shared` in the activations' dtype.
+    fn kernel_runs(
+        &self,
+        x: &Tensor,
+        d: &Dispatch,
+        lo: usize,
+        hi: usize,
+        shared: Option<&Mlp>,
+    ) -> Option<Tensor> {
         let (token_of, weight) = d.host.as_ref()?;
         if self.device != Device::Cpu {
             return None;
         }
-        let runs: Vec<kernels::ExpertRows> = (lo..hi)
+        let mut runs: Vec<kernels::ExpertRows> = (lo..hi)
             .filter(|&e| d.offsets[e + 1] > d.offsets[e])
             .map(|e| {
                 let (a, b) = (d.offsets[e] as usize, d.offsets[e + 1] as usize);
@@ -146,10 +161,24 @@ impl ExpertShard {
                 (&token_of[a..b], &weight[a..b], gu.as_slice(), down)
             })
             .collect();
+        let n = if shared.is_some() { x.size()[0] } else { 0 };
+        let (all, ones): (Vec<i64>, Vec<f32>) = (0..n).map(|t| (t, 1.0)).unzip();
+        if let Some(m) = shared {
+            let (gu, down, inter) = m.as_expert();
+            if inter != self.inter {
+                return None;
+            }
+            runs.push((&all, &ones, gu, down));
+        }
         let ok = runs.iter().all(|(_, _, gu, down)| gu.iter().chain([*down]).all(|w| kernels::use_for(x, w)));
         ok.then(|| kernels::routed_experts(x, &runs, self.inter as usize))
     }
 }
+
+/// Rows up to which the shared expert joins the routed experts' kernel call (decode, speculative
+/// verification); a prefill chunk's shared expert keeps its own products, which may run on
+/// libtorch's GEMM (`gemm_choice`).
+const FUSED_SHARED_MAX_ROWS: i64 = 48;
 
 pub struct Moe {
     router: Router,
@@ -235,6 +264,16 @@ impl Moe {
             let _p = profile::section("moe.route");
             self.router.dispatch(x)
         };
+        // Decode on the CPU with one shard: the routed and shared experts in one kernel call.
+        if let ([shard], Some(shared)) = (&self.shards[..], &self.shared) {
+            if x.size()[0] <= FUSED_SHARED_MAX_ROWS {
+                let _p = profile::section("moe.experts_shared");
+                let (lo, hi) = (shard.first as usize, (shard.first + shard.num_experts()) as usize);
+                if let Some(y) = shard.kernel_runs(x, &d, lo, hi, Some(shared)) {
+                    return y;
+                }
+            }
+        }
         let _p = profile::section("moe.experts");
         // Shards launch in turn; on CUDA devices their kernels run concurrently until the combine.
         let partials = self.shards.iter().map(|s| (s.forward_partial(x, &d), s.device)).collect();
@@ -305,6 +344,33 @@ mod tests {
 
     /// The kernel form (host routing, one `routed_experts` call) equals the tensor form in f32,
     /// fused gate/up; bf16 stays within bf16 rounding of it.
+    /// The decode path with the shared expert in the routed experts' kernel call gives exactly
+    /// `routed + shared` as separate calls give it, in f32 and bf16; a shared expert of another
+    /// width takes the separate calls.
+    #[test]
+    fn shared_expert_in_the_kernel_call_equals_separate_calls() {
+        let (e, h, i, n) = (8i64, 32i64, 16i64, 3i64);
+        let opts = (Kind::Float, Device::Cpu);
+        for (kind, si) in [(Kind::Float, i), (Kind::BFloat16, i), (Kind::BFloat16, 2 * i)] {
+            tch::manual_seed(4);
+            let gate_up = (Tensor::randn([e, 2 * i, h], opts) * 0.2).to_kind(kind);
+            let down = (Tensor::randn([e, h, i], opts) * 0.2).to_kind(kind);
+            let w = |r: i64, c: i64| Weight::Dense((Tensor::randn([r, c], opts) * 0.2).to_kind(kind));
+            let moe = Moe {
+                router: Router::random(e, h, 4, 2, 3),
+                shards: vec![ExpertShard::stacked(0, &gate_up, &down, i, Device::Cpu)],
+                combine: Combine::Add,
+                shared: Some(Mlp::new(w(si, h), w(si, h), w(h, si))),
+            };
+            let x = Tensor::randn([n, h], opts).to_kind(kind);
+            let d = moe.router.dispatch(&x);
+            let want =
+                moe.shards[0].forward_partial(&x, &d).unwrap() + moe.shared.as_ref().unwrap().forward(&x);
+            let got = moe.forward(&x);
+            assert!(got.equal(&want), "{kind:?} shared width {si}");
+        }
+    }
+
     #[test]
     fn kernel_experts_equal_tensor_form() {
         tch::manual_seed(3);
