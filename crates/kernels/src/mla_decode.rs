@@ -8,7 +8,7 @@ use crate::attention::{
 };
 use crate::pool::SendPtr;
 use crate::rows::round_bf16;
-use crate::{bf16_to_f32, gemm_here, pool, Isa, Problem, Weights};
+use crate::{gemm_here, pool, Isa, Problem, Weights};
 
 /// The whole absorbed decode core of a layer: queries folded through W_UK into latent space,
 /// [`latent_attention`], and `o_lat` mapped through W_UV. Replaces per-head
@@ -101,11 +101,7 @@ fn head_of<'a>(w: &Weights<'a>, h: usize, n: usize, k: usize) -> Weights<'a> {
 }
 
 fn round_all(v: &mut [f32]) {
-    let mut bits = vec![0u16; v.len()];
-    round_bf16(v, &mut bits);
-    for (x, &b) in v.iter_mut().zip(&bits) {
-        *x = bf16_to_f32(b);
-    }
+    crate::rows::round_to_bf16_in_place(v)
 }
 
 /// `[rows, heads, dv]` (f32) on the process's kernel path.

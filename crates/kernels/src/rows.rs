@@ -250,6 +250,22 @@ fn round(src: &[f32], dst: &mut [u16]) {
     }
 }
 
+/// Each value rounded to the nearest bf16 (kept as f32), vectorised for the process's instruction
+/// set.
+pub fn round_to_bf16_in_place(v: &mut [f32]) {
+    // SAFETY: the process's path, which this CPU supports.
+    unsafe { round_in_place_on(crate::isa::selected(), v) }
+}
+
+compiled_for_isa!(unsafe fn round_in_place_on(v: &mut [f32]) = round_in_place);
+
+#[inline(always)]
+fn round_in_place(v: &mut [f32]) {
+    for x in v {
+        *x = u16::round(*x);
+    }
+}
+
 /// Lanes of the row loops: independent accumulators the compiler keeps in vector registers (f32
 /// sums are not reassociated, so one running sum would run one add at a time).
 const LANES: usize = 16;
@@ -409,6 +425,9 @@ mod tests {
                 let odd: Vec<f32> = g.iter().map(|v| v * 1.000_01 + 1e-3).collect();
                 unsafe { round_on(isa, &odd, &mut back) };
                 assert!(odd.iter().zip(&back).all(|(&v, &b)| b == bf16_bits(v)), "{isa}: rounding");
+                let mut inplace = odd.clone();
+                unsafe { round_in_place_on(isa, &mut inplace) };
+                assert!(inplace.iter().zip(&back).all(|(&v, &b)| v == bf16_to_f32(b)), "{isa}: in place");
             }
         }
     }

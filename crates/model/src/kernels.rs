@@ -100,6 +100,20 @@ pub fn grouped_linear(pairs: &[(&Tensor, &Weight)]) -> Vec<Tensor> {
         .collect()
 }
 
+/// `x · wᵀ` as f32 holding the values of `x`'s kind (bf16 rounds in place): the logits of a decode
+/// step without the casts to bf16 and back (two libtorch passes over the vocabulary).
+pub fn linear_float(x: &Tensor, w: &Weight) -> Tensor {
+    let out = Tensor::empty([x.size()[0], w.size()[0]], (Kind::Float, Device::Cpu));
+    grouped_linear_into(&[(x, w)], &out);
+    if x.kind() == Kind::BFloat16 {
+        // SAFETY: a fresh contiguous f32 tensor, viewed once.
+        rows::round_to_bf16_in_place(unsafe {
+            std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, out.numel())
+        });
+    }
+    out
+}
+
 /// [`grouped_linear`] of `pairs` that all give `[m, n]`, written unrounded (f32) into the
 /// consecutive `[m, n]` blocks of `out` (contiguous f32, `pairs.len() · m · n` elements): per-head
 /// attention products land in one `[heads, m, n]` tensor without a copy.
@@ -385,11 +399,43 @@ pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Option<Tensor> {
     Some(out)
 }
 
+/// The values of a 3-D f32 or bf16 CPU tensor whose last dimension is contiguous (e.g. a narrowed
+/// projection), row-major, as f32: bf16 widened here rather than by a libtorch cast and copy.
+fn rows_f32(t: &Tensor) -> Vec<f32> {
+    let (size, stride) = (t.size(), t.stride());
+    assert!(size.len() == 3 && stride[2] == 1 && t.device() == Device::Cpu, "rows of a 3-D CPU tensor");
+    let (a, b, c) = (size[0] as usize, size[1] as usize, size[2] as usize);
+    let mut out = vec![0f32; a * b * c];
+    if out.is_empty() {
+        return out;
+    }
+    let span = (a - 1) * stride[0] as usize + (b - 1) * stride[1] as usize + c;
+    macro_rules! go {
+        ($t:ty, $row:expr) => {{
+            // SAFETY: the view's elements lie within `span` values of its data pointer (strides
+            // as reported, last one 1), alive as long as `t`.
+            let v = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const $t, span) };
+            for i in 0..a {
+                for j in 0..b {
+                    let src = &v[i * stride[0] as usize + j * stride[1] as usize..][..c];
+                    $row(src, &mut out[(i * b + j) * c..][..c]);
+                }
+            }
+        }};
+    }
+    match t.kind() {
+        Kind::BFloat16 => go!(u16, |s: &[u16], d: &mut [f32]| rows::widen_bf16(s, d)),
+        Kind::Float => go!(f32, |s: &[f32], d: &mut [f32]| d.copy_from_slice(s)),
+        k => panic!("rows of kind {k:?}"),
+    }
+    out
+}
+
 /// The absorbed decode core (`mlaserve_kernels::attention::mla_decode`) for `q_nope [n, h, dn]`,
 /// `q_pe [n, h, dr]` over `cache [slots, rkv + dr]` (f32 or bf16) for `seqs`, with the absorption
 /// matrices `W_UKᵀ` (`[rkv, dn]` a head) and `W_UV` (`[dv, rkv]` a head) in any format the kernels
-/// read: `[n, h, dv]` in f32. bf16 activations round the absorbed query and `o_lat` to bf16, as the
-/// tensor form does.
+/// read: `[n, h, dv]` in `q_nope`'s kind (f32 or bf16). bf16 activations round the absorbed query
+/// and `o_lat` to bf16, as the tensor form does.
 pub(crate) fn mla_decode(
     q_nope: &Tensor,
     q_pe: &Tensor,
@@ -400,9 +446,9 @@ pub(crate) fn mla_decode(
 ) -> Tensor {
     use mlaserve_kernels::attention::{CacheRows, MlaDecode, SeqKeys};
     let round_bf16 = q_nope.kind() == Kind::BFloat16;
-    let (qn, qp) = (q_nope.to_kind(Kind::Float).contiguous(), q_pe.to_kind(Kind::Float).contiguous());
-    let (n, h, dn) = (qn.size()[0], qn.size()[1], qn.size()[2]);
-    let (dr, rkv, dv) = (qp.size()[2], w_uk_t.out, w_uv.out);
+    let (qn, qp) = (rows_f32(q_nope), rows_f32(q_pe));
+    let (n, h, dn) = (q_nope.size()[0], q_nope.size()[1], q_nope.size()[2]);
+    let (dr, rkv, dv) = (q_pe.size()[2], w_uk_t.out, w_uv.out);
     assert_eq!(cache.size()[1], rkv + dr, "cache rows and queries differ in width");
     assert!(w_uk_t.heads == h && w_uv.heads == h, "absorption matrices for {h} heads");
     let rows = match cache.kind() {
@@ -412,8 +458,8 @@ pub(crate) fn mla_decode(
     let keys: Vec<SeqKeys> =
         seqs.iter().map(|s| SeqKeys { row: s.row, new: s.new, cached: s.cached, slots: &s.slots }).collect();
     let o = mlaserve_kernels::attention::mla_decode(&MlaDecode {
-        q_nope: elems(&qn, Kind::Float),
-        q_pe: elems(&qp, Kind::Float),
+        q_nope: &qn,
+        q_pe: &qp,
         w_uk_t: weights_of(&w_uk_t.w),
         w_uv: weights_of(&w_uv.w),
         cache: rows,
@@ -426,6 +472,13 @@ pub(crate) fn mla_decode(
         seqs: &keys,
         round_bf16,
     });
+    if round_bf16 {
+        let y = Tensor::empty([n, h, dv], (Kind::BFloat16, Device::Cpu));
+        // SAFETY: a fresh contiguous bf16 tensor of o.len() elements, viewed once.
+        let bits = unsafe { std::slice::from_raw_parts_mut(y.data_ptr() as *mut u16, o.len()) };
+        rows::round_bf16(&o, bits);
+        return y;
+    }
     Tensor::from_slice(&o).view([n, h, dv])
 }
 

@@ -109,6 +109,19 @@ impl Linear {
         self.permuted(forward_weight(x, &self.weight))
     }
 
+    /// `forward(x).to_kind(Float)`: for a decode-sized `x` on the kernels in one pass (see
+    /// [`kernels::linear_float`]).
+    pub fn forward_float(&self, x: &Tensor) -> Tensor {
+        if self.out_perm.is_none()
+            && x.dim() == 2
+            && kernels::use_for(x, &self.weight)
+            && !crate::gemm_choice::candidate(x, &self.weight)
+        {
+            return kernels::linear_float(x, &self.weight);
+        }
+        self.forward(x).to_kind(Kind::Float)
+    }
+
     fn permuted(&self, y: Tensor) -> Tensor {
         match &self.out_perm {
             Some(p) => y.index_select(-1, p),

@@ -6,7 +6,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use mlaserve_core::ModelConfig;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::batch::{SeqStep, StepPlan};
 use crate::cache::LatentCache;
@@ -264,7 +264,7 @@ impl Model {
     pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
         let head = self.lm_head.as_ref().ok_or_else(|| input_err("this stage does not hold lm_head"))?;
         let _guard = tch::no_grad_guard();
-        Ok(head.forward(h).to_kind(Kind::Float))
+        Ok(head.forward_float(h))
     }
 
     /// MTP hidden states for slots `(h_i, t_{i+1})`: `h_prev [n, H]` final hidden states and the
