@@ -140,7 +140,7 @@ impl StepPlan {
             last_rows.push(positions.len() as i64 - 1);
         }
         let total_tokens = positions.len();
-        let (cos, sin) = rope.cos_sin(&Tensor::from_slice(&positions).to_device(device), kind);
+        let (cos, sin) = rope.cos_sin_of(&positions, kind);
 
         // Short chunks (decode, speculative verification) attend together; long prefills alone.
         let mut group = Vec::new();

@@ -7,19 +7,73 @@
 //! rotated key differs from the checkpoint's.
 
 use mlaserve_core::{ModelConfig, RopeLayout};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use tch::{Device, Kind, Tensor};
 
 pub struct Rope {
     inv_freq: Tensor,
     attention_factor: f64,
+    /// On the CPU: f32 cos and sin rows of blocks of [`TABLE_BLOCK`] positions, computed by the
+    /// tensor form once per block (a decode step's ~10 small ops cost ~75 µs here).
+    tables: Mutex<HashMap<usize, Arc<(Vec<f32>, Vec<f32>)>>>,
 }
+
+/// Positions per cached block of rotary tables (256 KB per block at DeepSeek's 32 frequencies).
+const TABLE_BLOCK: usize = 1024;
+/// Blocks kept before the cache starts over (32 MB at most).
+const TABLE_BLOCKS_MAX: usize = 128;
 
 impl Rope {
     pub fn new(config: &ModelConfig, device: Device) -> Self {
         Rope {
             inv_freq: Tensor::from_slice(&config.rope_inv_freq()).to_device(device),
             attention_factor: config.rope_attention_factor(),
+            tables: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// [`Rope::cos_sin`] for host `positions`: on the CPU from the cached tables (the same values:
+    /// the tensor form is elementwise), elsewhere the tensor form on the device.
+    pub fn cos_sin_of(&self, positions: &[i64], kind: Kind) -> (Tensor, Tensor) {
+        let device = self.inv_freq.device();
+        if device != Device::Cpu || positions.iter().any(|&p| p < 0) {
+            return self.cos_sin(&Tensor::from_slice(positions).to_device(device), kind);
+        }
+        let half = self.inv_freq.numel();
+        let (mut cos, mut sin) =
+            (Vec::with_capacity(positions.len() * half), Vec::with_capacity(positions.len() * half));
+        for &p in positions {
+            let (block, row) = (p as usize / TABLE_BLOCK, p as usize % TABLE_BLOCK);
+            let t = self.table(block);
+            cos.extend_from_slice(&t.0[row * half..(row + 1) * half]);
+            sin.extend_from_slice(&t.1[row * half..(row + 1) * half]);
+        }
+        let shape = [positions.len() as i64, half as i64];
+        let (c, s) = (Tensor::from_slice(&cos).view(shape), Tensor::from_slice(&sin).view(shape));
+        (c.to_kind(kind), s.to_kind(kind))
+    }
+
+    fn table(&self, block: usize) -> Arc<(Vec<f32>, Vec<f32>)> {
+        let mut tables = self.tables.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = tables.get(&block) {
+            return t.clone();
+        }
+        if tables.len() >= TABLE_BLOCKS_MAX {
+            tables.clear();
+        }
+        let start = (block * TABLE_BLOCK) as i64;
+        let (c, s) = self.cos_sin(
+            &Tensor::arange_start(start, start + TABLE_BLOCK as i64, (Kind::Int64, Device::Cpu)),
+            Kind::Float,
+        );
+        let t = Arc::new((
+            Vec::try_from(c.view([-1])).expect("f32 cos"),
+            Vec::try_from(s.view([-1])).expect("f32 sin"),
+        ));
+        tables.insert(block, t.clone());
+        t
     }
 
     /// cos and sin `[T, dr/2]` for absolute positions `[T]`, angles computed in f32, cast to `kind`.
@@ -77,6 +131,26 @@ pub fn permute_rope_rows(w: &Tensor, groups: i64, block: i64, dr: i64, layout: R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The cached host tables give the tensor form's cos and sin bitwise, in f32 and bf16, for
+    /// positions in several blocks, repeated and out of order.
+    #[test]
+    fn host_tables_equal_the_tensor_form() {
+        let inv: Vec<f32> = (0..32).map(|i| 10000f32.powf(-(i as f32) / 32.0) * 0.9).collect();
+        let r = Rope {
+            inv_freq: Tensor::from_slice(&inv),
+            attention_factor: 1.37,
+            tables: Mutex::new(HashMap::new()),
+        };
+        let positions = [0i64, 5, 1023, 1024, 70_001, 5, 163_839, 2047];
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let (c, s) = r.cos_sin_of(&positions, kind);
+            let (wc, ws) = r.cos_sin(&Tensor::from_slice(&positions), kind);
+            assert_eq!(c.kind(), kind);
+            assert!(c.equal(&wc) && s.equal(&ws), "{kind:?}");
+        }
+        assert_eq!(r.tables.lock().unwrap().len(), 4, "blocks 0, 1, 68 and 159");
+    }
 
     /// Rotating permuted vectors and then undoing the permutation equals the interleaved formula.
     #[test]

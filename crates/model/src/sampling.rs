@@ -48,7 +48,14 @@ impl Sampler {
         let logits = logits.to_device(Device::Cpu).to_kind(Kind::Float);
         let mut out = Vec::with_capacity(b);
         // Greedy rows without penalties are the common case: one argmax over the whole batch.
-        let argmax: Vec<i64> = Vec::try_from(logits.argmax(-1, false))?;
+        let argmax: Vec<i64> = if logits.dim() == 2 && logits.is_contiguous() && logits.size()[1] > 0 {
+            let v = logits.size()[1] as usize;
+            // SAFETY: a contiguous f32 CPU tensor of b · v values, alive for this call.
+            let all = unsafe { std::slice::from_raw_parts(logits.data_ptr() as *const f32, b * v) };
+            all.chunks(v.max(1)).take(b).map(|row| mlaserve_kernels::rows::argmax(row) as i64).collect()
+        } else {
+            Vec::try_from(logits.argmax(-1, false))?
+        };
         for (i, row) in rows.iter().enumerate() {
             let p = row.params;
             let raw = logits.get(i as i64);
