@@ -17,8 +17,11 @@ pub struct Rope {
     attention_factor: f64,
     /// On the CPU: f32 cos and sin rows of blocks of [`TABLE_BLOCK`] positions, computed by the
     /// tensor form once per block (a decode step's ~10 small ops cost ~75 µs here).
-    tables: Mutex<HashMap<usize, Arc<(Vec<f32>, Vec<f32>)>>>,
+    tables: Mutex<HashMap<usize, Arc<Table>>>,
 }
+
+/// One block's cos and sin rows, f32, `[TABLE_BLOCK, dr/2]` each.
+type Table = (Vec<f32>, Vec<f32>);
 
 /// Positions per cached block of rotary tables (256 KB per block at DeepSeek's 32 frequencies).
 const TABLE_BLOCK: usize = 1024;
@@ -55,7 +58,7 @@ impl Rope {
         (c.to_kind(kind), s.to_kind(kind))
     }
 
-    fn table(&self, block: usize) -> Arc<(Vec<f32>, Vec<f32>)> {
+    fn table(&self, block: usize) -> Arc<Table> {
         let mut tables = self.tables.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = tables.get(&block) {
             return t.clone();
