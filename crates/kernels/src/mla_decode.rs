@@ -234,7 +234,10 @@ fn by_head(isa: Isa, p: &MlaDecode, m: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bf16_bits;
+    use crate::attention::tests::reference;
+    use crate::{bf16_bits, bf16_to_f32};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
 
     /// The per-head form gives the three-region form's numbers exactly: every weight format, f32
     /// and bf16 rounding, several sequences (two new tokens in one), on every path the CPU has.
@@ -290,6 +293,116 @@ mod tests {
                     let (a, b) = (by_head(isa, &p, m), three_regions(isa, &p, m));
                     assert!(a.iter().any(|&v| v != 0.0));
                     assert_eq!(a, b, "{isa} format {format} bf16 {round_bf16}");
+                }
+            }
+        }
+    }
+
+    /// The absorbed core against float64: W_UK, attention and W_UV (f32, bf16 and FP8 weights, FP8
+    /// with each head's block grid after the previous head's and partial edge blocks).
+    #[test]
+    fn mla_decode_matches_float64() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let (h, dn, dr, dv, rkv) = (3usize, 20usize, 6usize, 12usize, 70usize);
+        let w = rkv + dr;
+        let nslots = 300;
+        let cache: Vec<f32> = (0..nslots * w).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let slots: Vec<i64> = (0..nslots as i64).rev().collect();
+        let seqs = [
+            SeqKeys { row: 0, new: 2, cached: 5, slots: &slots },
+            SeqKeys { row: 2, new: 1, cached: 280, slots: &slots[7..] },
+        ];
+        let m = 3;
+        let mut r = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
+        let (q_nope, q_pe, uk, uv) = (r(m * h * dn), r(m * h * dr), r(h * rkv * dn), r(h * dv * rkv));
+        let (uk16, uv16): (Vec<u16>, Vec<u16>) =
+            (uk.iter().map(|&v| bf16_bits(v)).collect(), uv.iter().map(|&v| bf16_bits(v)).collect());
+        let mut codes = |n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|_| rng.random_range(0u8..=255))
+                .map(|b| if b & 0x7F == 0x7F { 0 } else { b })
+                .collect()
+        };
+        let (uk8, uv8) = (codes(h * rkv * dn), codes(h * dv * rkv));
+        let block = (16usize, 8usize);
+        let grid = |n: usize, k: usize| n.div_ceil(block.0) * k.div_ceil(block.1);
+        let sk: Vec<f32> = (0..h * grid(rkv, dn)).map(|i| 1e-3 * (1 + i % 7) as f32).collect();
+        let sv: Vec<f32> = (0..h * grid(dv, rkv)).map(|i| 1e-3 * (1 + i % 5) as f32).collect();
+        let fp8 = |q, scale| Weights::Fp8(crate::Fp8 { q, scale, block_n: block.0, block_k: block.1 });
+        for isa in crate::isa::ALL.into_iter().filter(|i| i.supported()) {
+            for format in 0..3 {
+                let (wk, wv) = match format {
+                    0 => (Weights::F32(&uk), Weights::F32(&uv)),
+                    1 => (Weights::Bf16(&uk16), Weights::Bf16(&uv16)),
+                    _ => (fp8(&uk8[..], &sk[..]), fp8(&uv8[..], &sv[..])),
+                };
+                // Element i of a [h, n, k] weight.
+                let val = |w: &Weights, n: usize, k: usize, i: usize| match w {
+                    Weights::F32(v) => v[i] as f64,
+                    Weights::Bf16(v) => bf16_to_f32(v[i]) as f64,
+                    Weights::Fp8(f) => {
+                        let (hd, r, c) = (i / (n * k), i % (n * k) / k, i % k);
+                        let s = f.scale[hd * grid(n, k) + r / block.0 * k.div_ceil(block.1) + c / block.1];
+                        crate::fp8::reference(f.q[i]) * s as f64
+                    }
+                };
+                // Reference: absorb in float64, attention through the float64 reference, then W_UV.
+                let mut qc = vec![0f32; m * h * w];
+                for row in 0..m {
+                    for hd in 0..h {
+                        for i in 0..rkv {
+                            let s: f64 = (0..dn)
+                                .map(|d| {
+                                    val(&wk, rkv, dn, (hd * rkv + i) * dn + d)
+                                        * q_nope[(row * h + hd) * dn + d] as f64
+                                })
+                                .sum();
+                            qc[(row * h + hd) * w + i] = s as f32;
+                        }
+                        qc[(row * h + hd) * w + rkv..(row * h + hd + 1) * w]
+                            .copy_from_slice(&q_pe[(row * h + hd) * dr..(row * h + hd + 1) * dr]);
+                    }
+                }
+                let a = LatentAttention {
+                    q: &qc,
+                    cache: CacheRows::F32(&cache),
+                    heads: h,
+                    width: w,
+                    value_width: rkv,
+                    scale: 0.2,
+                    seqs: &seqs,
+                };
+                let c64: Vec<f64> = cache.iter().map(|&v| v as f64).collect();
+                let o_lat = reference(&a, &c64);
+                let p = MlaDecode {
+                    q_nope: &q_nope,
+                    q_pe: &q_pe,
+                    w_uk_t: wk,
+                    w_uv: wv,
+                    cache: CacheRows::F32(&cache),
+                    heads: h,
+                    dn,
+                    dr,
+                    dv,
+                    rkv,
+                    scale: 0.2,
+                    seqs: &seqs,
+                    round_bf16: false,
+                };
+                let got = mla_decode_with(isa, &p);
+                for row in 0..m {
+                    for hd in 0..h {
+                        for v in 0..dv {
+                            let want: f64 = (0..rkv)
+                                .map(|i| {
+                                    val(&wv, dv, rkv, (hd * dv + v) * rkv + i)
+                                        * o_lat[(row * h + hd) * rkv + i]
+                                })
+                                .sum();
+                            let g = got[(row * h + hd) * dv + v] as f64;
+                            assert!((g - want).abs() < 2e-5, "{isa} format {format}: {g} vs {want}");
+                        }
+                    }
                 }
             }
         }
