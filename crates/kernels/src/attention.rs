@@ -29,7 +29,7 @@ pub enum CacheRows<'a> {
 }
 
 impl CacheRows<'_> {
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         match self {
             CacheRows::F32(c) => c.len(),
             CacheRows::Bf16(c) => c.len(),
@@ -67,16 +67,20 @@ impl LatentAttention<'_> {
         assert!(vw <= w && w > 0, "value width {vw} exceeds row width {w}");
         let rows = self.seqs.iter().map(|s| s.row + s.new).max().unwrap_or(0);
         assert!(self.q.len() >= rows * h * w, "queries too small");
-        let slots = self.cache.len() / w;
-        for s in self.seqs {
-            assert!(s.slots.len() >= s.cached + s.new, "sequence at row {}: too few slots", s.row);
-            assert!(
-                s.slots[..s.cached + s.new].iter().all(|&x| x >= 0 && (x as usize) < slots),
-                "sequence at row {}: slot outside the cache",
-                s.row
-            );
-        }
+        check_slots(self.seqs, self.cache.len() / w);
         rows
+    }
+}
+
+/// Every sequence has a slot for each of its positions, inside a cache of `slots` rows.
+pub(crate) fn check_slots(seqs: &[SeqKeys], slots: usize) {
+    for s in seqs {
+        assert!(s.slots.len() >= s.cached + s.new, "sequence at row {}: too few slots", s.row);
+        assert!(
+            s.slots[..s.cached + s.new].iter().all(|&x| x >= 0 && (x as usize) < slots),
+            "sequence at row {}: slot outside the cache",
+            s.row
+        );
     }
 }
 

@@ -211,34 +211,7 @@ unsafe fn row<F: Fmt>(c: &Cols, w: *const F::E, n: usize, m: usize) {
     *c.out.add(m * p.n + n) = _mm512_reduce_add_ps(total);
 }
 
-/// The tiles of columns `n0..n1` × rows `m0..m1` for one format.
-#[inline(always)]
-unsafe fn sweep<F: Fmt>(c: &Cols, w: *const F::E, m0: usize, m1: usize) {
-    if m1 - m0 == 1 {
-        for n in c.n0..c.n1 {
-            row::<F>(c, w, n, m0);
-        }
-        return;
-    }
-    let mut n = c.n0;
-    while n < c.n1 {
-        let r = if c.n1 - n >= 4 { 4 } else { 1 };
-        let mut m = m0;
-        while m < m1 {
-            let cols = (m1 - m).min(3);
-            match (r, cols) {
-                (4, 3) => tile::<F, 4, 3>(c, w, n, m),
-                (4, 2) => tile::<F, 4, 2>(c, w, n, m),
-                (4, _) => tile::<F, 4, 1>(c, w, n, m),
-                (_, 3) => tile::<F, 1, 3>(c, w, n, m),
-                (_, 2) => tile::<F, 1, 2>(c, w, n, m),
-                _ => tile::<F, 1, 1>(c, w, n, m),
-            }
-            m += cols;
-        }
-        n += r;
-    }
-}
+four_by_three_sweep!();
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")]
 unsafe fn sweep_dp(c: &Cols, xb: *const u16, w: *const u16, m0: usize, m1: usize) {

@@ -21,7 +21,7 @@ pub mod moe;
 pub mod pool;
 pub mod rows;
 
-/// The sweep of the AVX2 and NEON paths over a task's columns: one input row streams each weight
+/// The sweep of the AVX-512, AVX2 and NEON paths over a task's columns: one input row streams each weight
 /// row (`row`); several use `tile`s of 4 weight rows × up to 3 input rows. Expands to
 /// `sweep::<F>` calling the invoking module's own `row` and `tile` (same loops, other registers).
 macro_rules! four_by_three_sweep {

@@ -4,7 +4,8 @@
 //! them); longer ones run each step as its own parallel region, the attention split by key blocks.
 
 use crate::attention::{
-    block_on, latent_attention_with, CacheRows, LatentAttention, Partial, SeqKeys, Task, KEYS_PER_TASK,
+    block_on, check_slots, latent_attention_with, CacheRows, LatentAttention, Partial, SeqKeys, Task,
+    KEYS_PER_TASK,
 };
 use crate::pool::SendPtr;
 use crate::rows::round_bf16;
@@ -159,6 +160,7 @@ fn three_regions(isa: Isa, p: &MlaDecode, m: usize) -> Vec<f32> {
 /// are those of the three-region form (the same products, and a single block's state is final).
 fn by_head(isa: Isa, p: &MlaDecode, m: usize) -> Vec<f32> {
     let (h, w, dn, dr, dv, rkv) = (p.heads, p.rkv + p.dr, p.dn, p.dr, p.dv, p.rkv);
+    check_slots(p.seqs, p.cache.len() / w);
     let mut out = vec![0f32; m * h * dv];
     let op = SendPtr(out.as_mut_ptr());
     let run = |hd: usize| {
@@ -193,13 +195,12 @@ fn by_head(isa: Isa, p: &MlaDecode, m: usize) -> Vec<f32> {
             scale: p.scale,
             seqs: p.seqs,
         };
-        a.check();
         let mut o_lat = vec![0f32; m * rkv];
         for (i, s) in p.seqs.iter().enumerate() {
             let t = Task { seq: i, k0: 0, k1: s.cached + s.new, h0: 0, h1: 1 };
             let mut st: Vec<Partial> = (0..s.new).map(|_| Partial { max: 0.0, sum: 0.0 }).collect();
             let o = &mut o_lat[s.row * rkv..(s.row + s.new) * rkv];
-            // SAFETY: `isa` is supported (checked by the caller); `a` was checked; `st` and `o`
+            // SAFETY: `isa` is supported (checked by the caller); the slots were checked; `st` and `o`
             // hold this sequence's rows of the single head.
             unsafe { block_on(isa, &a, s, &t, &mut st, o) };
             // Query j sees key 0 at least, so every sum is positive.

@@ -24,6 +24,23 @@ fn elems<T>(t: &Tensor, kind: Kind) -> &[T] {
     unsafe { std::slice::from_raw_parts(t.data_ptr() as *const T, t.numel()) }
 }
 
+/// bf16 bits widened to f32 (vectorised, `rows::widen_bf16`).
+fn widened(bits: &[u16]) -> Vec<f32> {
+    let mut v = vec![0f32; bits.len()];
+    rows::widen_bf16(bits, &mut v);
+    v
+}
+
+/// A fresh bf16 CPU tensor of `size` holding `values` rounded to nearest even.
+fn bf16_tensor(values: &[f32], size: &[i64]) -> Tensor {
+    let t = Tensor::empty(size, (Kind::BFloat16, Device::Cpu));
+    assert_eq!(t.numel(), values.len());
+    // SAFETY: a fresh contiguous bf16 tensor of values.len() elements, viewed once.
+    let bits = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u16, values.len()) };
+    rows::round_bf16(values, bits);
+    t
+}
+
 /// Whether `x · wᵀ` runs here: CPU tensors, a 2-D contiguous weight in bf16, f32 or FP8, and
 /// activations of a float kind the kernels read.
 pub fn use_for(x: &Tensor, w: &Weight) -> bool {
@@ -89,13 +106,7 @@ pub fn grouped_linear(pairs: &[(&Tensor, &Weight)]) -> Vec<Tensor> {
         .map(|((o, v), x)| match x.kind() {
             Kind::Float => o,
             kind if o.numel() > HOST_CONVERT_MAX => o.to_kind(kind),
-            _ => {
-                let b = Tensor::empty(o.size(), (Kind::BFloat16, Device::Cpu));
-                // SAFETY: a fresh contiguous bf16 tensor with as many elements as `v`, viewed once.
-                let bits = unsafe { std::slice::from_raw_parts_mut(b.data_ptr() as *mut u16, v.len()) };
-                rows::round_bf16(v, bits);
-                b
-            }
+            _ => bf16_tensor(v, &o.size()),
         })
         .collect()
 }
@@ -137,17 +148,8 @@ fn run_into(xs: &[Tensor], pairs: &[(&Tensor, &Weight)], views: &mut [&mut [f32]
     // op each (~3 µs, two per product, ~37 products a decode step); large ones by libtorch, whose
     // vectorised conversion beats this loop (~1-2 ns an element) on a prefill chunk.
     let here = |t: &Tensor| t.kind() == Kind::BFloat16 && t.numel() <= HOST_CONVERT_MAX;
-    let widened: Vec<Option<Vec<f32>>> = xs
-        .iter()
-        .map(|x| {
-            here(x).then(|| {
-                let b = elems::<u16>(x, Kind::BFloat16);
-                let mut v = vec![0f32; b.len()];
-                rows::widen_bf16(b, &mut v);
-                v
-            })
-        })
-        .collect();
+    let widened: Vec<Option<Vec<f32>>> =
+        xs.iter().map(|x| here(x).then(|| widened(elems::<u16>(x, Kind::BFloat16)))).collect();
     let f32s: Vec<Option<Tensor>> =
         xs.iter().map(|x| (!here(x)).then(|| x.to_kind(Kind::Float).contiguous())).collect();
     let problems: Vec<Problem> = xs
@@ -191,15 +193,10 @@ pub(crate) fn routed_experts(x: &Tensor, runs: &[ExpertRows], inter: usize) -> T
     let x = x.contiguous();
     let (n, h) = (x.size()[0], x.size()[1]);
     // bf16 rows widened and the sum rounded back here, not by two libtorch casts.
-    let (widened, xt);
+    let (wide, xt);
     let xf: &[f32] = if kind == Kind::BFloat16 {
-        let b = elems::<u16>(&x, Kind::BFloat16);
-        widened = {
-            let mut v = vec![0f32; b.len()];
-            rows::widen_bf16(b, &mut v);
-            v
-        };
-        &widened
+        wide = widened(elems::<u16>(&x, Kind::BFloat16));
+        &wide
     } else {
         xt = x.to_kind(Kind::Float).contiguous();
         elems(&xt, Kind::Float)
@@ -216,13 +213,7 @@ pub(crate) fn routed_experts(x: &Tensor, runs: &[ExpertRows], inter: usize) -> T
     let mut out = vec![0f32; (n * h) as usize];
     mlaserve_kernels::moe::routed_experts(xf, h as usize, inter, &experts, kind == Kind::BFloat16, &mut out);
     match kind {
-        Kind::BFloat16 => {
-            let y = Tensor::empty([n, h], (Kind::BFloat16, Device::Cpu));
-            // SAFETY: a fresh contiguous bf16 tensor of out.len() elements, viewed once.
-            let bits = unsafe { std::slice::from_raw_parts_mut(y.data_ptr() as *mut u16, out.len()) };
-            rows::round_bf16(&out, bits);
-            y
-        }
+        Kind::BFloat16 => bf16_tensor(&out, &[n, h]),
         _ => Tensor::from_slice(&out).view([n, h]).to_kind(kind),
     }
 }
@@ -263,7 +254,7 @@ pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Option<Tensor> {
 pub(crate) fn swiglu(gu: &Tensor, inter: usize) -> Option<Tensor> {
     let kind = rows_kind(&[gu])?;
     let gu = gu.contiguous();
-    if gu.dim() != 2 || gu.size()[1] as usize != 2 * inter {
+    if inter == 0 || gu.dim() != 2 || gu.size()[1] as usize != 2 * inter {
         return None;
     }
     let n = gu.size()[0] as usize;
@@ -271,17 +262,19 @@ pub(crate) fn swiglu(gu: &Tensor, inter: usize) -> Option<Tensor> {
     let bf16 = kind == Kind::BFloat16;
     let mut row = vec![0f32; 2 * inter];
     let mut act = vec![0f32; inter];
-    for r in 0..n {
-        // SAFETY: `out` is fresh, contiguous, [n, inter] of `kind`; row r is written once.
-        if bf16 {
-            rows::widen_bf16(&elems::<u16>(&gu, kind)[r * 2 * inter..(r + 1) * 2 * inter], &mut row);
-            let bits =
-                unsafe { std::slice::from_raw_parts_mut((out.data_ptr() as *mut u16).add(r * inter), inter) };
+    if bf16 {
+        let (src, dst) = (elems::<u16>(&gu, kind), out.data_ptr() as *mut u16);
+        for (r, g) in src.chunks_exact(2 * inter).enumerate() {
+            rows::widen_bf16(g, &mut row);
+            // SAFETY: `out` is fresh, contiguous, [n, inter] of `kind`; row r is written once.
+            let bits = unsafe { std::slice::from_raw_parts_mut(dst.add(r * inter), inter) };
             rows::swiglu_row(&row[..inter], &row[inter..], &mut act, bits, true);
-        } else {
-            let g = &elems::<f32>(&gu, kind)[r * 2 * inter..(r + 1) * 2 * inter];
-            let o =
-                unsafe { std::slice::from_raw_parts_mut((out.data_ptr() as *mut f32).add(r * inter), inter) };
+        }
+    } else {
+        let (src, dst) = (elems::<f32>(&gu, kind), out.data_ptr() as *mut f32);
+        for (r, g) in src.chunks_exact(2 * inter).enumerate() {
+            // SAFETY: as above.
+            let o = unsafe { std::slice::from_raw_parts_mut(dst.add(r * inter), inter) };
             rows::swiglu_row(&g[..inter], &g[inter..], o, &mut [], false);
         }
     }
@@ -473,11 +466,7 @@ pub(crate) fn mla_decode(
         round_bf16,
     });
     if round_bf16 {
-        let y = Tensor::empty([n, h, dv], (Kind::BFloat16, Device::Cpu));
-        // SAFETY: a fresh contiguous bf16 tensor of o.len() elements, viewed once.
-        let bits = unsafe { std::slice::from_raw_parts_mut(y.data_ptr() as *mut u16, o.len()) };
-        rows::round_bf16(&o, bits);
-        return y;
+        return bf16_tensor(&o, &[n, h, dv]);
     }
     Tensor::from_slice(&o).view([n, h, dv])
 }
