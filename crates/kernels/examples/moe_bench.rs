@@ -74,7 +74,7 @@ fn main() {
                     ExpertRun { tokens: &picks[x], weights: &wts[..picks[x].len()], gate_up, down }
                 })
                 .collect();
-            routed_experts(&x, h, i, &runs, true, out);
+            routed_experts(&x, h, i, &runs, true, &[], out);
         };
         for l in 0..layers {
             run(l, &mut out);

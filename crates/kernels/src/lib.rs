@@ -86,6 +86,33 @@ pub struct Fp8<'a> {
     pub block_k: usize,
 }
 
+impl Weights<'_> {
+    /// The memory behind the weights: (address, bytes) of the values and, for FP8, the scales.
+    fn ranges(&self) -> [(usize, usize); 2] {
+        fn of<T>(v: &[T]) -> (usize, usize) {
+            (v.as_ptr() as usize, std::mem::size_of_val(v))
+        }
+        match self {
+            Weights::F32(v) => [of(v), (0, 0)],
+            Weights::Bf16(v) => [of(v), (0, 0)],
+            Weights::Fp8(f) => [of(f.q), of(f.scale)],
+        }
+    }
+}
+
+/// Hints that the product after the one about to start reads `ws`: the pool's helpers stream
+/// them into cache once they finish their part of that product, through the single-threaded
+/// work between the two ([`pool::Pool::prefetch`]). A hint replaces the previous one.
+pub fn prefetch(ws: &[Weights]) {
+    let mut ranges = [(0, 0); 16];
+    let mut n = 0;
+    for r in ws.iter().flat_map(|w| w.ranges()).filter(|r| r.1 > 0).take(ranges.len()) {
+        ranges[n] = r;
+        n += 1;
+    }
+    pool::global().prefetch(&ranges[..n]);
+}
+
 /// One product of a group: `y[m, n] = Σ_k x[m, k] · w[n, k]`.
 pub struct Problem<'a> {
     /// `[M, K]` f32, row-major.
@@ -206,7 +233,12 @@ pub fn grouped_gemm_into_with(isa: Isa, problems: &[Problem], outs: &mut [&mut [
         // back of the others' shares.
         let units = pieces(problems, unit_rows);
         let shares = shares::Shares::new(units.len(), pool.threads());
-        pool.for_each(shares.parts().min(units.len()), &|p| shares.work(p, &|u| run(&units[u])));
+        // Each thread starts on its own share (the one its prefetch hint streamed in), whichever
+        // task it picked up: `work` drains every share, so a share taken twice is harmless.
+        let parts = shares.parts();
+        pool.for_each(parts.min(units.len()), &|_| {
+            shares.work(pool::thread_index().min(parts - 1), &|u| run(&units[u]))
+        });
     } else {
         // Prefill: tasks from a shared queue, sized from the whole group's rows.
         let rows = rows_per_task(problems.iter().filter(|p| p.m > 0).map(|p| p.n).sum());

@@ -20,12 +20,14 @@ pub struct ExpertRun<'a> {
 /// `out [N, H] += Σ_runs weight · down(SwiGLU(gate_up(x[token])))` over `x [N, H]` (f32 values).
 /// With `bf16`, every intermediate is rounded to bf16 where the tensor form computing in bf16 would
 /// round it (the products' outputs, silu, the product with up, the weighting, each addition).
+/// `then`: what the caller's next product reads, hinted to the pool (see [`crate::prefetch`]).
 pub fn routed_experts(
     x: &[f32],
     hidden: usize,
     inter: usize,
     runs: &[ExpertRun],
     bf16: bool,
+    then: &[Weights],
     out: &mut [f32],
 ) {
     let total: usize = runs.iter().map(|e| e.tokens.len()).sum();
@@ -81,6 +83,8 @@ pub fn routed_experts(
         outs.push(a);
         rest = b;
     }
+    // The down matrices stream in while the helpers wait for SwiGLU.
+    crate::prefetch(&runs.iter().map(|e| e.down).collect::<Vec<_>>());
     grouped_gemm_into(&problems, &mut outs);
     drop(outs);
     // SwiGLU per row: silu(gate) · up, with its bf16 bits for the down products.
@@ -131,6 +135,7 @@ pub fn routed_experts(
             rest = b;
         }
     }
+    crate::prefetch(then);
     grouped_gemm_into(&problems, &mut run_outs);
     drop(run_outs);
     let mut row = 0;
@@ -172,7 +177,7 @@ mod tests {
             },
         ];
         let mut out = vec![0f32; n * h];
-        routed_experts(&x, h, i, &runs, false, &mut out);
+        routed_experts(&x, h, i, &runs, false, &[], &mut out);
         let mut want = vec![0f64; n * h];
         let mlp = |xt: &[f32],
                    g: &dyn Fn(usize, usize) -> f64,
@@ -209,7 +214,7 @@ mod tests {
         // bf16: runs, and every output is a bf16 value close to the f32 result.
         let xb: Vec<f32> = x.iter().map(|&v| bf16_to_f32(bf16_bits(v))).collect();
         let mut ob = vec![0f32; n * h];
-        routed_experts(&xb, h, i, &runs, true, &mut ob);
+        routed_experts(&xb, h, i, &runs, true, &[], &mut ob);
         for (a, b) in ob.iter().zip(&out) {
             assert_eq!(*a, bf16_to_f32(bf16_bits(*a)));
             assert!((a - b).abs() < 0.02 + 0.02 * b.abs(), "{a} vs {b}");

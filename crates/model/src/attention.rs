@@ -109,15 +109,43 @@ impl Mla {
     /// Attention for the `T` new tokens `x [T, H]` of `plan`; writes their latents into `cache`
     /// (`[slots, rkv + dr]`) before attending, so each token sees itself.
     pub fn forward(&self, x: &Tensor, plan: &StepPlan, cache: &mut Tensor) -> Tensor {
+        self.forward_then(x, plan, cache, &[])
+    }
+
+    /// The input projections' weights (the first product of [`Mla::forward`]).
+    pub(crate) fn first_weights(&self) -> Vec<Weight> {
+        let first = match &self.q {
+            QProj::Lora { a, .. } => a,
+            QProj::Plain(p) => p,
+        };
+        vec![first.weight().shallow_clone(), self.kv_a.weight().shallow_clone()]
+    }
+
+    /// [`Mla::forward`], hinting `then` as what follows its output projection. Each product here
+    /// first hints the next one's weights (see [`kernels::prefetch`]).
+    pub(crate) fn forward_then(
+        &self,
+        x: &Tensor,
+        plan: &StepPlan,
+        cache: &mut Tensor,
+        then: &[&Weight],
+    ) -> Tensor {
         let t = x.size()[0];
         let proj = profile::section("attn.proj");
         // The query's first product and kv_a read the same rows: one kernel call for both.
+        if let QProj::Lora { b, .. } = &self.q {
+            kernels::prefetch(&[b.weight()]);
+        }
         let (q_first, kv) = match &self.q {
             QProj::Lora { a, .. } => Linear::forward_pair(a, &self.kv_a, x),
             QProj::Plain(p) => Linear::forward_pair(p, &self.kv_a, x),
         };
         let q = match &self.q {
-            QProj::Lora { norm, b, .. } => b.forward(&norm.forward(&q_first)),
+            QProj::Lora { norm, b, .. } => {
+                let n = norm.forward(&q_first);
+                kernels::prefetch(&[&self.w_uk_t.w, &self.w_uv.w]);
+                b.forward(&n)
+            }
             QProj::Plain(_) => q_first,
         }
         .view([t, self.h, self.dn + self.dr]);
@@ -176,6 +204,7 @@ impl Mla {
             }
         };
         drop(core);
+        kernels::prefetch(then);
         let _p = profile::section("attn.o_proj");
         self.o.forward(&out.reshape([t, self.h * self.dv]))
     }
@@ -244,6 +273,7 @@ impl Mla {
     /// for the paged rows `q_nope [n, h, dn]`, `q_pe [n, h, dr]`.
     fn attend_paged(&self, plan: &StepPlan, q_nope: &Tensor, q_pe: &Tensor, cache: &Tensor) -> Tensor {
         let _p = profile::section("core.paged");
+        kernels::prefetch(&[self.o.weight()]);
         kernels::mla_decode(q_nope, q_pe, cache, (&self.w_uk_t, &self.w_uv), &plan.paged, self.scale)
     }
 

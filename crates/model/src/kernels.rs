@@ -44,6 +44,14 @@ fn bf16_tensor(values: &[f32], size: &[i64]) -> Tensor {
 /// Whether `x · wᵀ` runs here: CPU tensors, a 2-D contiguous weight in bf16, f32 or FP8, and
 /// activations of a float kind the kernels read.
 pub fn use_for(x: &Tensor, w: &Weight) -> bool {
+    weight_ok(w)
+        && x.device() == Device::Cpu
+        && x.dim() == 2
+        && matches!(x.kind(), Kind::BFloat16 | Kind::Float)
+}
+
+/// The weight half of [`use_for`].
+fn weight_ok(w: &Weight) -> bool {
     let w_ok = match w {
         Weight::Dense(t) => {
             matches!(t.kind(), Kind::BFloat16 | Kind::Float) && t.dim() == 2 && t.is_contiguous()
@@ -56,9 +64,13 @@ pub fn use_for(x: &Tensor, w: &Weight) -> bool {
         }
     };
     w_ok && w.device() == Device::Cpu
-        && x.device() == Device::Cpu
-        && x.dim() == 2
-        && matches!(x.kind(), Kind::BFloat16 | Kind::Float)
+}
+
+/// Tells the kernels' pool that the product after the next one reads `ws` (see
+/// [`mlaserve_kernels::prefetch`]). Weights the kernels read (CPU, contiguous, their formats) only.
+pub(crate) fn prefetch(ws: &[&Weight]) {
+    let views: Vec<Weights<'_>> = ws.iter().filter(|w| weight_ok(w)).map(|w| weights_of(w)).collect();
+    mlaserve_kernels::prefetch(&views);
 }
 
 /// `x · wᵀ`; the result has `x`'s dtype. A prefill-sized bf16 product runs on the kernels or
@@ -186,8 +198,9 @@ pub(crate) type ExpertRows<'a> = (&'a [i64], &'a [f32], &'a [Weight], &'a Weight
 
 /// The routed experts of a shard in one kernel call (`mlaserve_kernels::moe`): per active expert its
 /// tokens (rows of `x [N, H]`), routing weights, gate/up matrices (one or two) and down matrix.
-/// Returns the weighted sum `[N, H]` in `x`'s dtype (bf16 rounds as the tensor form does).
-pub(crate) fn routed_experts(x: &Tensor, runs: &[ExpertRows], inter: usize) -> Tensor {
+/// Returns the weighted sum `[N, H]` in `x`'s dtype (bf16 rounds as the tensor form does). `then`:
+/// what the product after this call reads (a hint, see [`prefetch`]).
+pub(crate) fn routed_experts(x: &Tensor, runs: &[ExpertRows], inter: usize, then: &[&Weight]) -> Tensor {
     use mlaserve_kernels::moe::ExpertRun;
     let kind = x.kind();
     let x = x.contiguous();
@@ -210,8 +223,10 @@ pub(crate) fn routed_experts(x: &Tensor, runs: &[ExpertRows], inter: usize) -> T
             down: weights_of(down),
         })
         .collect();
+    let then: Vec<Weights<'_>> = then.iter().filter(|w| weight_ok(w)).map(|w| weights_of(w)).collect();
     let mut out = vec![0f32; (n * h) as usize];
-    mlaserve_kernels::moe::routed_experts(xf, h as usize, inter, &experts, kind == Kind::BFloat16, &mut out);
+    let bf16 = kind == Kind::BFloat16;
+    mlaserve_kernels::moe::routed_experts(xf, h as usize, inter, &experts, bf16, &then, &mut out);
     match kind {
         Kind::BFloat16 => bf16_tensor(&out, &[n, h]),
         _ => Tensor::from_slice(&out).view([n, h]).to_kind(kind),

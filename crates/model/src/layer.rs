@@ -3,6 +3,7 @@ use tch::Tensor;
 use crate::attention::Mla;
 use crate::batch::StepPlan;
 use crate::error::Result;
+use crate::linear::Weight;
 use crate::loader::LoadCtx;
 use crate::mlp::Mlp;
 use crate::moe::Moe;
@@ -21,6 +22,9 @@ pub struct DecoderLayer {
     attn: Mla,
     post_norm: RmsNorm,
     ffn: Ffn,
+    /// What the next layer (or lm_head) reads first: prefetched during this layer's last
+    /// product's tail and the glue after it (see [`crate::kernels::prefetch`]).
+    then: Vec<Weight>,
 }
 
 impl DecoderLayer {
@@ -43,24 +47,40 @@ impl DecoderLayer {
             attn: Mla::load(ctx, &format!("{p}.self_attn"))?,
             post_norm: ctx.norm(&format!("{p}.post_attention_layernorm.weight"), c.hidden_size)?,
             ffn,
+            then: Vec::new(),
         })
+    }
+
+    /// The weights this layer's first product reads (its attention's input projections).
+    pub(crate) fn first_weights(&self) -> Vec<Weight> {
+        self.attn.first_weights()
+    }
+
+    /// Sets what follows this layer (see `then`).
+    pub(crate) fn set_then(&mut self, then: Vec<Weight>) {
+        self.then = then;
     }
 
     pub fn forward(&self, x: &Tensor, plan: &StepPlan, cache: &mut Tensor) -> Tensor {
         let a = {
             let _p = profile::section("attention");
-            self.attn.forward(&self.input_norm.forward(x), plan, cache)
+            let ffn_first = match &self.ffn {
+                Ffn::Dense(m) => m.first_weights(),
+                Ffn::Moe(m) => m.first_weights(),
+            };
+            self.attn.forward_then(&self.input_norm.forward(x), plan, cache, &ffn_first)
         };
+        let then: Vec<&Weight> = self.then.iter().collect();
         let h = x + a;
         let n = self.post_norm.forward(&h);
         let f = match &self.ffn {
             Ffn::Dense(m) => {
                 let _p = profile::section("dense_mlp");
-                m.forward(&n)
+                m.forward_then(&n, &then)
             }
             Ffn::Moe(m) => {
                 let _p = profile::section("moe");
-                m.forward(&n)
+                m.forward_then(&n, &then)
             }
         };
         h + f

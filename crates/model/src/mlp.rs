@@ -38,6 +38,18 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.forward_then(x, &[])
+    }
+
+    /// gate/up: the weights its first product reads.
+    pub(crate) fn first_weights(&self) -> Vec<&Weight> {
+        self.as_expert().0.iter().collect()
+    }
+
+    /// [`Mlp::forward`], hinting `down` before gate/up and `then` before down (see
+    /// [`kernels::prefetch`]).
+    pub(crate) fn forward_then(&self, x: &Tensor, then: &[&Weight]) -> Tensor {
+        kernels::prefetch(&[self.down.weight()]);
         let act = match &self.up {
             GateUp::Fused(gu) => {
                 let gu = gu.forward(x);
@@ -56,6 +68,7 @@ impl Mlp {
                 g.silu() * u
             }
         };
+        kernels::prefetch(then);
         self.down.forward(&act)
     }
 }

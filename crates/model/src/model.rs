@@ -99,12 +99,19 @@ impl Model {
         for i in range.clone() {
             layers.push(DecoderLayer::load(&ctx, i, config.is_moe_layer(i))?);
         }
+        for i in 1..layers.len() {
+            let next = layers[i].first_weights();
+            layers[i - 1].set_then(next);
+        }
         let (norm, lm_head) = if last {
             let head = if config.tie_word_embeddings && !ck.contains("lm_head.weight") {
                 ctx.matrix("model.embed_tokens.weight", &[v, h])?
             } else {
                 ctx.matrix("lm_head.weight", &[v, h])?
             };
+            if let Some(l) = layers.last_mut() {
+                l.set_then(vec![head.shallow_clone()]);
+            }
             (Some(ctx.norm("model.norm.weight", h)?), Some(Linear::from_weight(head)))
         } else {
             (None, None)
@@ -264,6 +271,11 @@ impl Model {
     pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
         let head = self.lm_head.as_ref().ok_or_else(|| input_err("this stage does not hold lm_head"))?;
         let _guard = tch::no_grad_guard();
+        // The next step starts with this stage's first layer: its weights stream in while the
+        // step is sampled and the next one planned.
+        if let Some(first) = self.layers.first() {
+            crate::kernels::prefetch(&first.first_weights().iter().collect::<Vec<_>>());
+        }
         Ok(head.forward_float(h))
     }
 

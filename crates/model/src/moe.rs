@@ -134,7 +134,7 @@ impl ExpertShard {
     /// The CPU kernel form of [`ExpertShard::forward_partial`] (`kernels::routed_experts`): when
     /// routing was decided on the host and every matrix is one the kernels read.
     fn forward_partial_kernel(&self, x: &Tensor, d: &Dispatch, lo: usize, hi: usize) -> Option<Tensor> {
-        self.kernel_runs(x, d, lo, hi, None)
+        self.kernel_runs(x, d, lo, hi, None, &[])
     }
 
     /// [`ExpertShard::forward_partial_kernel`] with `shared` (an expert of the same width, given
@@ -148,6 +148,7 @@ impl ExpertShard {
         lo: usize,
         hi: usize,
         shared: Option<&Mlp>,
+        then: &[&Weight],
     ) -> Option<Tensor> {
         let (token_of, weight) = d.host.as_ref()?;
         if self.device != Device::Cpu {
@@ -171,7 +172,7 @@ impl ExpertShard {
             runs.push((&all, &ones, gu, down));
         }
         let ok = runs.iter().all(|(_, _, gu, down)| gu.iter().chain([*down]).all(|w| kernels::use_for(x, w)));
-        ok.then(|| kernels::routed_experts(x, &runs, self.inter as usize))
+        ok.then(|| kernels::routed_experts(x, &runs, self.inter as usize, then))
     }
 }
 
@@ -260,6 +261,16 @@ impl Moe {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.forward_then(x, &[])
+    }
+
+    /// What its first product reads, when known before routing: the shared expert's gate/up.
+    pub(crate) fn first_weights(&self) -> Vec<&Weight> {
+        self.shared.as_ref().map(Mlp::first_weights).unwrap_or_default()
+    }
+
+    /// [`Moe::forward`], hinting `then` as what follows (see [`kernels::prefetch`]).
+    pub(crate) fn forward_then(&self, x: &Tensor, then: &[&Weight]) -> Tensor {
         let d = {
             let _p = profile::section("moe.route");
             self.router.dispatch(x)
@@ -269,7 +280,7 @@ impl Moe {
             if x.size()[0] <= FUSED_SHARED_MAX_ROWS {
                 let _p = profile::section("moe.experts_shared");
                 let (lo, hi) = (shard.first as usize, (shard.first + shard.num_experts()) as usize);
-                if let Some(y) = shard.kernel_runs(x, &d, lo, hi, Some(shared)) {
+                if let Some(y) = shard.kernel_runs(x, &d, lo, hi, Some(shared), then) {
                     return y;
                 }
             }
