@@ -238,3 +238,30 @@ impl StepPlan {
         })
     }
 }
+
+/// Rows `rows` of `x [T, H]` (e.g. a step's [`StepPlan::last_rows`]): `x` itself when they are all
+/// of its rows in order (decode), which saves a gather and its index tensor (11-22 µs a batch-1
+/// step on the benchmark host), else a gather.
+pub fn select_rows(x: &Tensor, rows: &[i64]) -> Tensor {
+    let every_row = rows.len() as i64 == x.size()[0] && rows.iter().enumerate().all(|(i, &r)| r == i as i64);
+    if every_row {
+        x.shallow_clone()
+    } else {
+        x.index_select(0, &Tensor::from_slice(rows).to_device(x.device()))
+    }
+}
+
+#[cfg(test)]
+mod select_tests {
+    use super::*;
+
+    #[test]
+    fn select_rows_is_the_gather_and_skips_it_for_every_row_in_order() {
+        let x = Tensor::arange(12, (Kind::Float, Device::Cpu)).view([4, 3]);
+        for rows in [vec![0i64, 1, 2, 3], vec![3, 1], vec![0, 1, 2], vec![1, 0, 2, 3], vec![]] {
+            let want = x.index_select(0, &Tensor::from_slice(&rows));
+            assert!(select_rows(&x, &rows).equal(&want), "{rows:?}");
+        }
+        assert_eq!(select_rows(&x, &[0, 1, 2, 3]).data_ptr(), x.data_ptr(), "no copy for every row");
+    }
+}

@@ -148,9 +148,7 @@ impl<'m> Engine<'m> {
                 continue;
             }
             let rows: Vec<i64> = sampled.iter().map(|&k| mplan.last_rows[k]).collect();
-            let h = self
-                .model
-                .final_norm(&x.index_select(0, &tch::Tensor::from_slice(&rows).to_device(x.device())))?;
+            let h = self.model.final_norm(&crate::batch::select_rows(&x, &rows))?;
             let logits = {
                 let _p = profile::section("lm_head");
                 self.model.logits(&h)?

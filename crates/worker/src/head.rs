@@ -7,6 +7,7 @@
 //! speculative sequence's MTP cache covers exactly its verified positions, and the slot of its last
 //! verified position yields the draft for the next step.
 
+use mlaserve_model::batch::select_rows;
 use mlaserve_model::sampling::{logprob_info, SampleRow};
 use mlaserve_model::speculative::{self, Draft};
 use mlaserve_model::{profile, LatentCache, Model, Sampler, SeqStep, StepPlan};
@@ -29,10 +30,6 @@ fn sampled_token(seq_id: u64, token: u32, (logprob, top): (f32, Vec<(u32, f32)>)
         logprob,
         top: top.into_iter().map(|(token_id, logprob)| TopToken { token_id, logprob }).collect(),
     }
-}
-
-fn rows_tensor(rows: &[i64], like: &Tensor) -> Tensor {
-    Tensor::from_slice(rows).to_device(like.device())
 }
 
 /// Samples, verifies and drafts for `step`, whose layers produced `x` (rows in `plan` order).
@@ -72,8 +69,8 @@ pub fn run(
         None
     } else {
         let h = match &h_all {
-            Some(h) => h.index_select(0, &rows_tensor(&rows, h)),
-            None => model.final_norm(&x.index_select(0, &rows_tensor(&rows, x)))?,
+            Some(h) => select_rows(h, &rows),
+            None => model.final_norm(&select_rows(x, &rows))?,
         };
         Some(model.logits(&h)?.to_device(tch::Device::Cpu))
     };
@@ -226,7 +223,7 @@ fn draft_next(
         return Ok(vec![]);
     }
     let rows: Vec<i64> = drafting.iter().map(|d| d.1 as i64).collect();
-    let logits = model.logits(&hm.index_select(0, &rows_tensor(&rows, &hm)))?.to_device(tch::Device::Cpu);
+    let logits = model.logits(&select_rows(&hm, &rows))?.to_device(tch::Device::Cpu);
     let mut out = Vec::with_capacity(drafting.len());
     for (r, &(id, _)) in drafting.iter().enumerate() {
         let s = registry.get_mut(id).expect("registered");
