@@ -104,7 +104,7 @@ impl Weights<'_> {
 /// them into cache once they finish their part of that product, through the single-threaded
 /// work between the two ([`pool::Pool::prefetch`]). A hint replaces the previous one.
 pub fn prefetch(ws: &[Weights]) {
-    let mut ranges = [(0, 0); 16];
+    let mut ranges = [(0, 0); pool::HINT_RANGES];
     let mut n = 0;
     for r in ws.iter().flat_map(|w| w.ranges()).filter(|r| r.1 > 0).take(ranges.len()) {
         ranges[n] = r;

@@ -347,18 +347,24 @@ mod tests {
                         crate::fp8::reference(f.q[i]) * s as f64
                     }
                 };
+                // Output j of head hd of row `row` through a [h, n, k] weight; `x(row, hd, i)` its input.
+                let head_product = |wt: &Weights,
+                                    (n, k): (usize, usize),
+                                    x: &dyn Fn(usize, usize, usize) -> f64,
+                                    row,
+                                    hd,
+                                    j|
+                 -> f64 {
+                    (0..k).map(|i| val(wt, n, k, (hd * n + j) * k + i) * x(row, hd, i)).sum()
+                };
                 // Reference: absorb in float64, attention through the float64 reference, then W_UV.
+                let q_in = |row: usize, hd: usize, d: usize| q_nope[(row * h + hd) * dn + d] as f64;
                 let mut qc = vec![0f32; m * h * w];
                 for row in 0..m {
                     for hd in 0..h {
                         for i in 0..rkv {
-                            let s: f64 = (0..dn)
-                                .map(|d| {
-                                    val(&wk, rkv, dn, (hd * rkv + i) * dn + d)
-                                        * q_nope[(row * h + hd) * dn + d] as f64
-                                })
-                                .sum();
-                            qc[(row * h + hd) * w + i] = s as f32;
+                            qc[(row * h + hd) * w + i] =
+                                head_product(&wk, (rkv, dn), &q_in, row, hd, i) as f32;
                         }
                         qc[(row * h + hd) * w + rkv..(row * h + hd + 1) * w]
                             .copy_from_slice(&q_pe[(row * h + hd) * dr..(row * h + hd + 1) * dr]);
@@ -391,15 +397,11 @@ mod tests {
                     round_bf16: false,
                 };
                 let got = mla_decode_with(isa, &p);
+                let lat_in = |row: usize, hd: usize, i: usize| o_lat[(row * h + hd) * rkv + i];
                 for row in 0..m {
                     for hd in 0..h {
                         for v in 0..dv {
-                            let want: f64 = (0..rkv)
-                                .map(|i| {
-                                    val(&wv, dv, rkv, (hd * dv + v) * rkv + i)
-                                        * o_lat[(row * h + hd) * rkv + i]
-                                })
-                                .sum();
+                            let want = head_product(&wv, (dv, rkv), &lat_in, row, hd, v);
                             let g = got[(row * h + hd) * dv + v] as f64;
                             assert!((g - want).abs() < 2e-5, "{isa} format {format}: {g} vs {want}");
                         }

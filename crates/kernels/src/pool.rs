@@ -31,7 +31,7 @@ impl<T> SendPtr<T> {
 const SPIN: Duration = Duration::from_millis(2);
 
 /// Most ranges one [`Pool::prefetch`] hint carries; more are dropped.
-const HINT_RANGES: usize = 16;
+pub(crate) const HINT_RANGES: usize = 16;
 /// Most bytes one hint streams: about what a helper's L2 and its share of L3 keep until the
 /// product that reads them starts (a longer gap than that is rare in a decode step).
 const HINT_BYTES: usize = 4 << 20;

@@ -113,12 +113,12 @@ impl Mla {
     }
 
     /// The input projections' weights (the first product of [`Mla::forward`]).
-    pub(crate) fn first_weights(&self) -> Vec<Weight> {
+    pub(crate) fn first_weights(&self) -> [&Weight; 2] {
         let first = match &self.q {
             QProj::Lora { a, .. } => a,
             QProj::Plain(p) => p,
         };
-        vec![first.weight().shallow_clone(), self.kv_a.weight().shallow_clone()]
+        [first.weight(), self.kv_a.weight()]
     }
 
     /// [`Mla::forward`], hinting `then` as what follows its output projection. Each product here

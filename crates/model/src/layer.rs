@@ -52,7 +52,7 @@ impl DecoderLayer {
     }
 
     /// The weights this layer's first product reads (its attention's input projections).
-    pub(crate) fn first_weights(&self) -> Vec<Weight> {
+    pub(crate) fn first_weights(&self) -> [&Weight; 2] {
         self.attn.first_weights()
     }
 

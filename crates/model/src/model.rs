@@ -100,7 +100,7 @@ impl Model {
             layers.push(DecoderLayer::load(&ctx, i, config.is_moe_layer(i))?);
         }
         for i in 1..layers.len() {
-            let next = layers[i].first_weights();
+            let next = layers[i].first_weights().iter().map(|w| w.shallow_clone()).collect();
             layers[i - 1].set_then(next);
         }
         let (norm, lm_head) = if last {
@@ -274,7 +274,7 @@ impl Model {
         // The next step starts with this stage's first layer: its weights stream in while the
         // step is sampled and the next one planned.
         if let Some(first) = self.layers.first() {
-            crate::kernels::prefetch(&first.first_weights().iter().collect::<Vec<_>>());
+            crate::kernels::prefetch(&first.first_weights());
         }
         Ok(head.forward_float(h))
     }
