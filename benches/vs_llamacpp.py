@@ -250,10 +250,14 @@ def main():
           f"({bw['method']}, {mib} MiB buffer)", flush=True)
 
     samples, foreign = {"mlaserve": [], "llama.cpp": []}, []
+    # Each engine's decode group (batch 1 first) right after a sustained read of the same length.
+    moment_bw = {"mlaserve": [], "llama.cpp": []}
     for r in range(a.rounds):
         got = {"mlaserve": {}, "llama.cpp": {}}
         for group in ("decode_group", "long_group", "streams_group"):
             for name, eng in (("mlaserve", ours), ("llama.cpp", theirs)):
+                if group == "decode_group":
+                    moment_bw[name].append(hostinfo.sustained_bandwidth(cache, a.threads, mib=mib))
                 t0 = time.perf_counter()
                 args = (a.new_tokens, a.requests) if group == "streams_group" else (a.new_tokens,)
                 with hostinfo.Foreign() as other:
@@ -281,6 +285,11 @@ def main():
     floor = bw[a.threads] * 1e9 / active["total"]
     res["floor_tok_s_b1"] = floor
     res["share_of_floor_b1"] = {n: summ[n]["decode_b1"]["best"] / floor for n in summ}
+    # The same share per round against the sustained read just before that round's batch-1 run.
+    res["sustained_bandwidth_before_b1_gb_s"] = moment_bw
+    res["share_of_moment_floor_b1"] = {
+        n: [tok * active["total"] / (gbs * 1e9) for tok, gbs in zip(summ[n]["decode_b1"]["samples"], moment_bw[n])
+            if gbs] for n in summ}
     res["profile_b1"] = decode_profile(ours, a.new_tokens, active, bw[a.threads])
     res["mlaserve_kernel"] = sorted(ours.kernel_lines) or None
     res["llama_cpp_isa"] = llamacpp.native_isa()
@@ -323,6 +332,13 @@ def report(res, figures):
     print(f"\nbatch-1 floor: {act['total'] / 1e6:.1f} MB of active weights per token / {bw:.1f} GB/s = "
           f"{res['floor_tok_s_b1']:.1f} tok/s; mlaserve reaches {res['share_of_floor_b1']['mlaserve']:.0%}, "
           f"llama.cpp {res['share_of_floor_b1']['llama.cpp']:.0%}")
+    m = res["share_of_moment_floor_b1"]
+    if all(m.values()):
+        bws = res["sustained_bandwidth_before_b1_gb_s"]
+        print("  each round against the sustained read just before its batch-1 run (GB/s: "
+              + "; ".join(f"{n} {', '.join(f'{g:.1f}' for g in bws[n])}" for n in bws) + "): "
+              + "; ".join(f"{n} {', '.join(f'{v:.0%}' for v in m[n])} (median {statistics.median(m[n]):.0%})"
+                          for n in m))
     p = res["profile_b1"]
     print(f"\nmlaserve batch-1 decode step, MLASERVE_PROFILE=1 ({p['step_ms']:.2f} ms per step over {p['steps']} "
           f"steps; nested sections indented; GB/s = active weight bytes / time):")

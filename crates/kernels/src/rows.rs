@@ -52,21 +52,52 @@ const ROWS_PER_TASK: usize = 64;
 pub fn rms_norm<T: Elem>(x: &[T], w: &[T], eps: f32, out: &mut [T]) {
     let dim = w.len();
     assert!(dim > 0 && x.len().is_multiple_of(dim) && out.len() == x.len());
-    let rows = x.len() / dim;
     let op = SendPtr(out.as_mut_ptr());
-    let run = |t: usize| {
-        let (r0, r1) = (t * ROWS_PER_TASK, ((t + 1) * ROWS_PER_TASK).min(rows));
-        for r in r0..r1 {
-            let xr = &x[r * dim..(r + 1) * dim];
-            let ss: f32 = xr.iter().map(|v| v.get() * v.get()).sum();
-            let inv = 1.0 / (ss / dim as f32 + eps).sqrt();
-            for (k, (&v, &g)) in xr.iter().zip(w).enumerate() {
-                // SAFETY: row r belongs to this task; `out` has `x`'s length.
-                unsafe { *op.get().add(r * dim + k) = T::put(T::round(v.get() * inv) * g.get()) };
-            }
+    by_row_tasks(x.len() / dim, &|r| {
+        // SAFETY: row r belongs to this task; `out` has `x`'s length.
+        let o = unsafe { std::slice::from_raw_parts_mut(op.get().add(r * dim), dim) };
+        norm_row(&x[r * dim..(r + 1) * dim], w, eps, o);
+    });
+}
+
+/// The residual add and the RMSNorm after it, in one pass: `h = T(x + a)` and `out = rms_norm(h)`
+/// per row. Each decoder layer has two (before its FFN, and the next layer's input norm); fused,
+/// each saves a libtorch add and a pass over the row. Bitwise equal to the add then [`rms_norm`].
+pub fn add_rms_norm<T: Elem>(x: &[T], a: &[T], w: &[T], eps: f32, h: &mut [T], out: &mut [T]) {
+    let dim = w.len();
+    assert!(dim > 0 && x.len().is_multiple_of(dim) && a.len() == x.len());
+    assert!(h.len() == x.len() && out.len() == x.len());
+    let (hp, op) = (SendPtr(h.as_mut_ptr()), SendPtr(out.as_mut_ptr()));
+    by_row_tasks(x.len() / dim, &|r| {
+        let (xr, ar) = (&x[r * dim..(r + 1) * dim], &a[r * dim..(r + 1) * dim]);
+        // SAFETY: row r belongs to this task; `h` and `out` have `x`'s length.
+        let (hr, o) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(hp.get().add(r * dim), dim),
+                std::slice::from_raw_parts_mut(op.get().add(r * dim), dim),
+            )
+        };
+        for ((hv, &xv), &av) in hr.iter_mut().zip(xr).zip(ar) {
+            *hv = T::put(xv.get() + av.get());
         }
-    };
+        norm_row(hr, w, eps, o);
+    });
+}
+
+/// Runs `row(r)` for every row, [`ROWS_PER_TASK`] rows a pool task.
+fn by_row_tasks(rows: usize, row: &(dyn Fn(usize) + Sync)) {
+    let run = |t: usize| (t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(rows)).for_each(row);
     pool::global().for_each(rows.div_ceil(ROWS_PER_TASK), &run);
+}
+
+/// One row of [`rms_norm`].
+#[inline(always)]
+fn norm_row<T: Elem>(xr: &[T], w: &[T], eps: f32, out: &mut [T]) {
+    let ss: f32 = xr.iter().map(|v| v.get() * v.get()).sum();
+    let inv = 1.0 / (ss / w.len() as f32 + eps).sqrt();
+    for ((o, &v), &g) in out.iter_mut().zip(xr).zip(w) {
+        *o = T::put(T::round(v.get() * inv) * g.get());
+    }
 }
 
 /// Where the rotary part of each row sits: `rows × heads` vectors of `2 · half` values, vector
@@ -516,6 +547,27 @@ mod tests {
                 assert_eq!(ob[r * dim + k], want);
             }
         }
+    }
+
+    #[test]
+    fn add_rms_norm_is_the_add_then_the_norm_bitwise() {
+        let dim = 37;
+        let rows = 130; // more than one task of rows
+        let x: Vec<f32> = (0..rows * dim).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let a: Vec<f32> = (0..rows * dim).map(|i| (i as f32 * 0.11).cos() * 1.7).collect();
+        let w: Vec<f32> = (0..dim).map(|i| 0.5 + i as f32 * 0.1).collect();
+        fn check<T: Elem + PartialEq + std::fmt::Debug + Default>(x: &[T], a: &[T], w: &[T]) {
+            let sum: Vec<T> = x.iter().zip(a).map(|(&p, &q)| T::put(p.get() + q.get())).collect();
+            let mut want = vec![T::default(); x.len()];
+            rms_norm(&sum, w, 1e-6, &mut want);
+            let (mut h, mut out) = (vec![T::default(); x.len()], vec![T::default(); x.len()]);
+            add_rms_norm(x, a, w, 1e-6, &mut h, &mut out);
+            assert_eq!(h, sum);
+            assert_eq!(out, want);
+        }
+        check(&x, &a, &w);
+        let b = |v: &[f32]| v.iter().map(|&f| bf16_bits(f)).collect::<Vec<u16>>();
+        check(&b(&x), &b(&a), &b(&w));
     }
 
     #[test]

@@ -263,6 +263,31 @@ pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Option<Tensor> {
     Some(out)
 }
 
+/// `(x + a, RMSNorm(x + a))` for `x`, `a [.., dim]` of one shape (see `rows::add_rms_norm`), or
+/// None when the tensors are not for the row kernels.
+pub(crate) fn add_rms_norm(x: &Tensor, a: &Tensor, w: &Tensor, eps: f64) -> Option<(Tensor, Tensor)> {
+    let kind = rows_kind(&[x, a, w])?;
+    if x.size() != a.size() {
+        return None;
+    }
+    let (x, a, w) = (x.contiguous(), a.contiguous(), w.contiguous());
+    let (h, out) = (x.empty_like(), x.empty_like());
+    // SAFETY: `h` and `out` are fresh contiguous tensors of x's kind and size, each viewed once.
+    macro_rules! go {
+        ($t:ty) => {{
+            let hs = unsafe { std::slice::from_raw_parts_mut(h.data_ptr() as *mut $t, h.numel()) };
+            let o = unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut $t, out.numel()) };
+            rows::add_rms_norm::<$t>(elems(&x, kind), elems(&a, kind), elems(&w, kind), eps as f32, hs, o)
+        }};
+    }
+    if kind == Kind::Float {
+        go!(f32)
+    } else {
+        go!(u16)
+    }
+    Some((h, out))
+}
+
 /// SwiGLU of `gu [N, 2I]` (gate columns first): `silu(gate) · up`, `[N, I]` in `gu`'s kind,
 /// rounded as the tensor form in that kind (see `rows::swiglu_row`); None when the tensor is not
 /// for the row kernels.
@@ -560,6 +585,31 @@ mod tests {
 
     /// The SwiGLU row kernel against libtorch's `silu(gate) * up` in the same kind: f32 within
     /// 1e-5, bf16 equal but for rare rounding ties (one bf16 step).
+    #[test]
+    fn add_rms_norm_is_libtorchs_add_then_the_norm() {
+        tch::manual_seed(4);
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let x = (Tensor::randn([5, 1024], (Kind::Float, Device::Cpu)) * 3.0).to_kind(kind);
+            let a = Tensor::randn([5, 1024], (Kind::Float, Device::Cpu)).to_kind(kind);
+            let w = (Tensor::rand([1024], (Kind::Float, Device::Cpu)) + 0.5).to_kind(kind);
+            let norm = crate::norm::RmsNorm::new(w.shallow_clone(), 1e-6);
+            let (h, n) = add_rms_norm(&x, &a, &w, 1e-6).expect("CPU tensors of a row kind");
+            let sum = &x + &a;
+            assert!(h.equal(&sum), "{kind:?}: the add rounds as libtorch's");
+            assert!(n.equal(&norm.forward(&sum)), "{kind:?}: the norm of that sum");
+            let (h2, n2) = norm.forward_residual(&x.narrow(0, 1, 3), &a.narrow(0, 1, 3));
+            assert!(h2.equal(&sum.narrow(0, 1, 3)) && n2.equal(&n.narrow(0, 1, 3)), "{kind:?}: rows 1..4");
+        }
+        let (x, a) = (
+            Tensor::zeros([2, 4], (Kind::Float, Device::Cpu)),
+            Tensor::zeros([1, 4], (Kind::Float, Device::Cpu)),
+        );
+        assert!(
+            add_rms_norm(&x, &a, &Tensor::ones([4], (Kind::Float, Device::Cpu)), 1e-6).is_none(),
+            "shapes differ"
+        );
+    }
+
     #[test]
     fn swiglu_matches_libtorch() {
         tch::manual_seed(5);

@@ -62,17 +62,34 @@ impl DecoderLayer {
     }
 
     pub fn forward(&self, x: &Tensor, plan: &StepPlan, cache: &mut Tensor) -> Tensor {
+        let (h, f) = self.forward_split(x, None, plan, cache);
+        h + f
+    }
+
+    /// The layer on the residual stream `x + pending` (`pending`: the previous layer's FFN output,
+    /// not yet added, so that the add joins this layer's input norm). Returns `(h, f)`, the output
+    /// being `h + f`, left for the next layer's input norm (or the caller) to add.
+    pub(crate) fn forward_split(
+        &self,
+        x: &Tensor,
+        pending: Option<&Tensor>,
+        plan: &StepPlan,
+        cache: &mut Tensor,
+    ) -> (Tensor, Tensor) {
+        let (x, n) = match pending {
+            Some(f) => self.input_norm.forward_residual(x, f),
+            None => (x.shallow_clone(), self.input_norm.forward(x)),
+        };
         let a = {
             let _p = profile::section("attention");
             let ffn_first = match &self.ffn {
                 Ffn::Dense(m) => m.first_weights(),
                 Ffn::Moe(m) => m.first_weights(),
             };
-            self.attn.forward_then(&self.input_norm.forward(x), plan, cache, &ffn_first)
+            self.attn.forward_then(&n, plan, cache, &ffn_first)
         };
         let then: Vec<&Weight> = self.then.iter().collect();
-        let h = x + a;
-        let n = self.post_norm.forward(&h);
+        let (h, n) = self.post_norm.forward_residual(&x, &a);
         let f = match &self.ffn {
             Ffn::Dense(m) => {
                 let _p = profile::section("dense_mlp");
@@ -83,7 +100,7 @@ impl DecoderLayer {
                 m.forward_then(&n, &then)
             }
         };
-        h + f
+        (h, f)
     }
 
     pub fn moe(&self) -> Option<&Moe> {

@@ -255,10 +255,16 @@ impl Model {
         }
         let _guard = tch::no_grad_guard();
         let mut x = hidden.to_kind(self.dtype.kind());
+        // Each layer's FFN output joins the stream in the next layer's input norm.
+        let mut pending: Option<Tensor> = None;
         for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(&x, plan, c);
+            let (h, f) = layer.forward_split(&x, pending.as_ref(), plan, c);
+            (x, pending) = (h, Some(f));
         }
-        Ok(x)
+        Ok(match pending {
+            Some(f) => x + f,
+            None => x,
+        })
     }
 
     /// Final RMSNorm (last stage): the "final hidden state" that feeds lm_head and the MTP module.

@@ -19,6 +19,16 @@ impl RmsNorm {
         self.eps
     }
 
+    /// `(x + a, forward(x + a))`: the residual add before a norm, fused on the CPU.
+    pub fn forward_residual(&self, x: &Tensor, a: &Tensor) -> (Tensor, Tensor) {
+        if let Some(pair) = crate::kernels::add_rms_norm(x, a, &self.weight, self.eps) {
+            return pair;
+        }
+        let h = x + a;
+        let n = self.forward(&h);
+        (h, n)
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
         if let Some(y) = crate::kernels::rms_norm(x, &self.weight, self.eps) {
             return y;
