@@ -583,8 +583,7 @@ mod tests {
         }
     }
 
-    /// The SwiGLU row kernel against libtorch's `silu(gate) * up` in the same kind: f32 within
-    /// 1e-5, bf16 equal but for rare rounding ties (one bf16 step).
+    /// The fused residual add and norm against libtorch's add, then the norm: bitwise.
     #[test]
     fn add_rms_norm_is_libtorchs_add_then_the_norm() {
         tch::manual_seed(4);
@@ -610,6 +609,8 @@ mod tests {
         );
     }
 
+    /// The SwiGLU row kernel against libtorch's `silu(gate) * up` in the same kind: f32 within
+    /// 1e-5, bf16 equal but for rare rounding ties (one bf16 step).
     #[test]
     fn swiglu_matches_libtorch() {
         tch::manual_seed(5);
