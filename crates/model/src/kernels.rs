@@ -69,8 +69,12 @@ fn weight_ok(w: &Weight) -> bool {
 /// Tells the kernels' pool that the product after the next one reads `ws` (see
 /// [`mlaserve_kernels::prefetch`]). Weights the kernels read (CPU, contiguous, their formats) only.
 pub(crate) fn prefetch(ws: &[&Weight]) {
-    let views: Vec<Weights<'_>> = ws.iter().filter(|w| weight_ok(w)).map(|w| weights_of(w)).collect();
-    mlaserve_kernels::prefetch(&views);
+    mlaserve_kernels::prefetch(&hint_views(ws));
+}
+
+/// The kernels' views of the weights among `ws` they read: what a hint names (others are skipped).
+fn hint_views<'a>(ws: &[&'a Weight]) -> Vec<Weights<'a>> {
+    ws.iter().filter(|w| weight_ok(w)).map(|w| weights_of(w)).collect()
 }
 
 /// `x · wᵀ`; the result has `x`'s dtype. A prefill-sized bf16 product runs on the kernels or
@@ -223,7 +227,7 @@ pub(crate) fn routed_experts(x: &Tensor, runs: &[ExpertRows], inter: usize, then
             down: weights_of(down),
         })
         .collect();
-    let then: Vec<Weights<'_>> = then.iter().filter(|w| weight_ok(w)).map(|w| weights_of(w)).collect();
+    let then = hint_views(then);
     let mut out = vec![0f32; (n * h) as usize];
     let bf16 = kind == Kind::BFloat16;
     mlaserve_kernels::moe::routed_experts(xf, h as usize, inter, &experts, bf16, &then, &mut out);

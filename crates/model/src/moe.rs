@@ -353,8 +353,6 @@ mod tests {
         }
     }
 
-    /// The kernel form (host routing, one `routed_experts` call) equals the tensor form in f32,
-    /// fused gate/up; bf16 stays within bf16 rounding of it.
     /// The decode path with the shared expert in the routed experts' kernel call gives exactly
     /// `routed + shared` as separate calls give it, in f32 and bf16; a shared expert of another
     /// width takes the separate calls.
@@ -382,6 +380,8 @@ mod tests {
         }
     }
 
+    /// The kernel form (host routing, one `routed_experts` call) equals the tensor form in f32,
+    /// fused gate/up; bf16 stays within bf16 rounding of it.
     #[test]
     fn kernel_experts_equal_tensor_form() {
         tch::manual_seed(3);

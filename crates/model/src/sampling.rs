@@ -52,7 +52,7 @@ impl Sampler {
             let v = logits.size()[1] as usize;
             // SAFETY: a contiguous f32 CPU tensor of b · v values, alive for this call.
             let all = unsafe { std::slice::from_raw_parts(logits.data_ptr() as *const f32, b * v) };
-            all.chunks(v.max(1)).take(b).map(|row| mlaserve_kernels::rows::argmax(row) as i64).collect()
+            all.chunks(v).take(b).map(|row| mlaserve_kernels::rows::argmax(row) as i64).collect()
         } else {
             Vec::try_from(logits.argmax(-1, false))?
         };
