@@ -8,13 +8,19 @@ use std::arch::x86_64::*;
 use crate::portable::{block_k, RowScales};
 use crate::{fp8, Cols, Weights};
 
-/// How far ahead (bytes) a streamed weight row is prefetched; measured on Zen 4 at batch 1
-/// (lm_head, 64 MB): 4 KiB lifts FP8 from ~32 to ~45 GB/s and leaves bf16 unchanged.
+/// How many bytes of the next group of weight rows a tile prefetches at once ([`lead_in`]).
 ///
-/// The prefetches are non-temporal (`NTA`): a weight is read once a step, and keeping it out of
-/// L2 leaves the code and data of the single-threaded work between products cached. Measured in
-/// one process, alternating every 5 steps (Zen 4, batch 1): a step 4-6% shorter than with `T0`,
-/// batch 16 2-6%, FP8 1-3%. (The AVX2 path keeps `T0`: there `NTA` measured 0-5% slower.)
+/// Software prefetch is for the tiles (several input rows, 4 weight rows interleaved) only. One
+/// input row streams each weight row once, front to back, which the hardware prefetchers follow
+/// on their own: on a second Zen 4 VM, dropping the rows' prefetch 4 KiB ahead made a batch-1
+/// decode step 1.19-1.27x faster in bf16 (`vdpbf16ps` row), 1.30-1.38x on the f32-widening row
+/// and 1.03-1.06x in FP8, measured in one process alternating every 5 steps; batch 16 (tiles)
+/// lost 17-21% without its prefetches. (The first Zen 4 VM had measured `NTA` 4-6% better than
+/// `T0` there; neither against none.) llama.cpp's rows do not prefetch either.
+///
+/// The bf16 and FP8 tiles' prefetches are non-temporal (`NTA`): a weight is read once a step, and
+/// keeping it out of L2 leaves the code and data of the single-threaded work between products
+/// cached. (The AVX2 path keeps `T0`: there `NTA` measured 0-5% slower.)
 const PF: usize = 4096;
 
 /// How one weight format is widened to 16 f32 lanes.
@@ -161,9 +167,8 @@ unsafe fn store_tile<const R: usize, const C: usize>(c: &Cols, total: &[[__m512;
     }
 }
 
-/// Prefetches the first [`PF`] bytes of a task's weights at once: the streaming loops prefetch
-/// `PF` ahead of where they read, which leaves each task's first `PF` bytes to demand misses (a
-/// real share of a 256 KiB expert matrix at decode).
+/// Prefetches the first [`PF`] bytes of the weight rows a tile reads next, while the current ones
+/// are multiplied.
 #[inline(always)]
 unsafe fn lead_in<T>(w: *const T, len: usize) {
     let p = w as *const i8;
@@ -173,8 +178,8 @@ unsafe fn lead_in<T>(w: *const T, len: usize) {
     }
 }
 
-/// One weight row against one input row, four accumulators deep, the row streamed with a
-/// software prefetch ahead (decode: one long sequential read per task).
+/// One weight row against one input row, four accumulators deep (decode: one long sequential read
+/// per task, left to the hardware prefetchers, see [`PF`]).
 #[inline(always)]
 unsafe fn row<F: Fmt>(c: &Cols, w: *const F::E, n: usize, m: usize) {
     let p = c.p;
@@ -190,7 +195,6 @@ unsafe fn row<F: Fmt>(c: &Cols, w: *const F::E, n: usize, m: usize) {
         let mut acc = [_mm512_setzero_ps(); 4];
         let mut kk = k0;
         while kk + 64 <= k1 {
-            _mm_prefetch::<_MM_HINT_NTA>((w.add(kk) as *const i8).add(PF));
             for (u, a) in acc.iter_mut().enumerate() {
                 let o = kk + 16 * u;
                 *a = _mm512_fmadd_ps(F::load(w.add(o)), _mm512_loadu_ps(x.add(o)), *a);
@@ -333,7 +337,7 @@ unsafe fn tile_dp_scaled<const SCALED: bool, const R: usize, const C: usize>(
 }
 
 /// bf16 weights × one bf16 input row with `vdpbf16ps`, a row at a time, four accumulators deep
-/// (128 weights a step), the row streamed with a software prefetch ahead as in [`row`]. Half the
+/// (128 weights a step), streamed as in [`row`]. Half the
 /// loads and a quarter of the arithmetic of [`row`]'s widening to f32: from cache a 2.4 MB
 /// product reads at ~118 GB/s on 2 Zen 4 threads where [`row`] reads at ~87 (it is
 /// arithmetic-bound there), which matters for the parts of a weight that the pool's prefetch
@@ -349,8 +353,6 @@ unsafe fn sweep_dp_row(c: &Cols, xb: *const u16, w: *const u16, m: usize) {
         let mut acc = [_mm512_setzero_ps(); 4];
         let mut kk = 0;
         while kk + 128 <= k {
-            _mm_prefetch::<_MM_HINT_NTA>((w.add(kk) as *const i8).add(PF));
-            _mm_prefetch::<_MM_HINT_NTA>((w.add(kk + 64) as *const i8).add(PF));
             for (u, a) in acc.iter_mut().enumerate() {
                 let o = kk + 32 * u;
                 let wv = as_bh(_mm512_loadu_si512(w.add(o) as *const _));
@@ -459,7 +461,6 @@ unsafe fn row_lut(c: &Cols, f: &crate::Fp8, xl: *const u16, n: usize, m: usize, 
         while kk < k1 {
             let left = k1 - kk;
             let src = q.add(kk);
-            _mm_prefetch::<_MM_HINT_NTA>((src as *const i8).add(PF));
             let b = if left >= 64 {
                 _mm512_loadu_si512(src as *const _)
             } else {
@@ -483,7 +484,6 @@ unsafe fn row_lut(c: &Cols, f: &crate::Fp8, xl: *const u16, n: usize, m: usize, 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi,avx2,fma,f16c")]
 unsafe fn sweep_fp8_lut(c: &Cols, xb: *const u16, f: &crate::Fp8, m: usize) {
     let k = c.p.k;
-    lead_in(f.q.as_ptr().add(c.n0 * k), (c.n1 - c.n0) * k);
     let mut xl = Vec::new();
     lut_order(xb.add(m * k), k, &mut xl);
     let t = lut();
