@@ -14,9 +14,9 @@ use crate::{fp8, Cols, Weights};
 /// input row streams each weight row once, front to back, which the hardware prefetchers follow
 /// on their own: on a second Zen 4 VM, dropping the rows' prefetch 4 KiB ahead made a batch-1
 /// decode step 1.19-1.27x faster in bf16 (`vdpbf16ps` row), 1.30-1.38x on the f32-widening row
-/// and 1.03-1.06x in FP8, measured in one process alternating every 5 steps; batch 16 (tiles)
-/// lost 17-21% without its prefetches. (The first Zen 4 VM had measured `NTA` 4-6% better than
-/// `T0` there; neither against none.) llama.cpp's rows do not prefetch either.
+/// and 1.03-1.06x in FP8, measured in one process alternating every 5 steps; batch-16 steps (the
+/// tiles) were 18-21% longer without theirs. (The first Zen 4 VM had measured `NTA` 4-6% better
+/// than `T0` there; neither against none.) llama.cpp's rows do not prefetch either.
 ///
 /// The bf16 and FP8 tiles' prefetches are non-temporal (`NTA`): a weight is read once a step, and
 /// keeping it out of L2 leaves the code and data of the single-threaded work between products
