@@ -112,18 +112,22 @@ def _reader(cache: Path):
     return None
 
 
+def _run_reader(exe: Path, threads: int, mib: int, reps: int):
+    """(best pass, mean over all passes) in GB/s of the C reader over `mib` MiB on `threads` threads."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_PROC_BIND="spread")
+    r = subprocess.run([str(exe), str(mib << 20), str(reps)], capture_output=True, text=True, env=env, check=True)
+    best, s, mean = r.stdout.split()
+    assert float(s) == float((mib << 20) // 4 // 64 * 64), "read loop checksum"
+    return float(best), float(mean)
+
+
 def read_bandwidth(cache: Path, threads: int, mib: int = 1024, reps: int = 5):
     """{'threads N': GB/s} for 1 and `threads` threads, and the method used."""
     out = {"buffer_mib": mib}
     exe = _reader(cache)
     for t in sorted({1, threads}):
         if exe:
-            env = dict(os.environ, OMP_NUM_THREADS=str(t), OMP_PROC_BIND="spread")
-            r = subprocess.run([str(exe), str(mib << 20), str(reps)], capture_output=True, text=True, env=env,
-                               check=True)
-            gbs, s, _ = r.stdout.split()
-            assert float(s) == float((mib << 20) // 4 // 64 * 64), "read loop checksum"
-            out[t] = float(gbs)
+            out[t] = _run_reader(exe, t, mib, reps)[0]
             out["method"] = "C sum loop (cc -O3 -march=native -fopenmp), best of %d" % reps
         else:
             import torch
@@ -146,13 +150,7 @@ def sustained_bandwidth(cache: Path, threads: int, mib: int = 1024, reps: int = 
     run right after it can be compared with what the machine sustained at that moment (on a VM the
     best 20 ms pass catches bursts no 0.3 s run keeps). None without a C compiler."""
     exe = _reader(cache)
-    if not exe:
-        return None
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_PROC_BIND="spread")
-    r = subprocess.run([str(exe), str(mib << 20), str(reps)], capture_output=True, text=True, env=env, check=True)
-    _, s, mean = r.stdout.split()
-    assert float(s) == float((mib << 20) // 4 // 64 * 64), "read loop checksum"
-    return float(mean)
+    return _run_reader(exe, threads, mib, reps)[1] if exe else None
 
 
 _SIZES = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1, "I64": 8, "I32": 4, "U8": 1, "I8": 1}

@@ -9,14 +9,7 @@ use crate::portable::{block_k, RowScales};
 use crate::{fp8, Cols, Weights};
 
 /// How many bytes of the next group of weight rows a tile prefetches at once ([`lead_in`]).
-///
-/// Software prefetch is for the tiles (several input rows, 4 weight rows interleaved) only. One
-/// input row streams each weight row once, front to back, which the hardware prefetchers follow
-/// on their own: on a second Zen 4 VM, dropping the rows' prefetch 4 KiB ahead made a batch-1
-/// decode step 1.19-1.27x faster in bf16 (`vdpbf16ps` row), 1.30-1.38x on the f32-widening row
-/// and 1.03-1.06x in FP8, measured in one process alternating every 5 steps; batch-16 steps (the
-/// tiles) were 18-21% longer without theirs. (The first Zen 4 VM had measured `NTA` 4-6% better
-/// than `T0` there; neither against none.) llama.cpp's rows do not prefetch either.
+/// Software prefetch is for the tiles only; [`row`] says why the one-row kernels have none.
 ///
 /// The bf16 and FP8 tiles' prefetches are non-temporal (`NTA`): a weight is read once a step, and
 /// keeping it out of L2 leaves the code and data of the single-threaded work between products
@@ -179,7 +172,15 @@ unsafe fn lead_in<T>(w: *const T, len: usize) {
 }
 
 /// One weight row against one input row, four accumulators deep (decode: one long sequential read
-/// per task, left to the hardware prefetchers, see [`PF`]).
+/// per task).
+///
+/// No software prefetch here, nor in the other one-row kernels ([`sweep_dp_row`], [`row_lut`]): a
+/// front-to-back read is what the hardware prefetchers follow on their own. On a second Zen 4 VM,
+/// dropping a prefetch 4 KiB ahead made a batch-1 decode step 1.19-1.27x faster in bf16
+/// (`vdpbf16ps` row), 1.30-1.38x on this f32-widening row and 1.03-1.06x in FP8, measured in one
+/// process alternating every 5 steps, while batch-16 steps (the tiles, 4 weight rows interleaved)
+/// were 18-21% longer without theirs. (The first Zen 4 VM had measured `NTA` 4-6% better than
+/// `T0` there; neither against none.) llama.cpp's rows do not prefetch either.
 #[inline(always)]
 unsafe fn row<F: Fmt>(c: &Cols, w: *const F::E, n: usize, m: usize) {
     let p = c.p;
