@@ -112,6 +112,28 @@ impl Mla {
         self.forward_then(x, plan, cache, &[])
     }
 
+    /// Its weight tensors in the order a step reads them (input projections, the absorption
+    /// matrices, the output projection).
+    pub(crate) fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut out = Vec::new();
+        match &mut self.q {
+            QProj::Lora { a, b, .. } => {
+                out.extend(a.weight_mut().tensors_mut());
+                out.extend(self.kv_a.weight_mut().tensors_mut());
+                out.extend(b.weight_mut().tensors_mut());
+            }
+            QProj::Plain(p) => {
+                out.extend(p.weight_mut().tensors_mut());
+                out.extend(self.kv_a.weight_mut().tensors_mut());
+            }
+        }
+        out.extend(self.w_uk_t.w.tensors_mut());
+        out.extend(self.w_uv.w.tensors_mut());
+        out.extend(self.w_uk.iter_mut().flat_map(Weight::tensors_mut));
+        out.extend(self.o.weight_mut().tensors_mut());
+        out
+    }
+
     /// The input projections' weights (the first product of [`Mla::forward`]).
     pub(crate) fn first_weights(&self) -> [&Weight; 2] {
         let first = match &self.q {

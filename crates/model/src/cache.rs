@@ -21,7 +21,8 @@ impl LatentCache {
         kind: Kind,
         device: Device,
     ) -> Self {
-        let make = || Tensor::zeros([(num_blocks * block_size) as i64, latent_dim as i64], (kind, device));
+        let make =
+            || crate::huge_pages::zeros(&[(num_blocks * block_size) as i64, latent_dim as i64], kind, device);
         LatentCache {
             block_size,
             num_blocks,

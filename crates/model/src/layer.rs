@@ -41,14 +41,30 @@ impl DecoderLayer {
                 ctx.matrix(&format!("{p}.mlp.down_proj.weight"), &[h, i])?,
             ))
         };
-        Ok(DecoderLayer {
+        let mut layer = DecoderLayer {
             index,
             input_norm: ctx.norm(&format!("{p}.input_layernorm.weight"), c.hidden_size)?,
             attn: Mla::load(ctx, &format!("{p}.self_attn"))?,
             post_norm: ctx.norm(&format!("{p}.post_attention_layernorm.weight"), c.hidden_size)?,
             ffn,
             then: Vec::new(),
-        })
+        };
+        layer.pack();
+        Ok(layer)
+    }
+
+    /// Moves its CPU weights into one huge-page allocation in read order (see `huge_pages`): one
+    /// layer at a time, so loading holds at most one layer twice.
+    fn pack(&mut self) {
+        let mut ts = self.attn.tensors_mut();
+        match &mut self.ffn {
+            Ffn::Dense(m) => ts.extend(m.tensors_mut()),
+            Ffn::Moe(m) => ts.extend(m.tensors_mut()),
+        }
+        crate::huge_pages::pack(ts);
+        if let Ffn::Moe(m) = &mut self.ffn {
+            m.refresh_views();
+        }
     }
 
     /// The weights this layer's first product reads (its attention's input projections).

@@ -14,6 +14,7 @@ pub mod engine;
 pub mod error;
 pub mod gemm_choice;
 mod grouped_experts;
+mod huge_pages;
 pub mod kernels;
 pub mod layer;
 pub mod linear;

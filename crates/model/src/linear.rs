@@ -56,6 +56,14 @@ impl Weight {
         self.map(|t| t.to_device(device))
     }
 
+    /// Its tensors (FP8: the codes, then the scales), to move them (see `huge_pages::pack`).
+    pub(crate) fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+        match self {
+            Weight::Dense(t) => vec![t],
+            Weight::Fp8 { q, scale, .. } => vec![q, scale],
+        }
+    }
+
     /// Another handle to the same storage.
     pub fn shallow_clone(&self) -> Weight {
         self.map(Tensor::shallow_clone)
@@ -99,6 +107,10 @@ impl Linear {
 
     pub fn weight(&self) -> &Weight {
         &self.weight
+    }
+
+    pub(crate) fn weight_mut(&mut self) -> &mut Weight {
+        &mut self.weight
     }
 
     pub fn out_features(&self) -> i64 {

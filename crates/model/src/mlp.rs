@@ -27,6 +27,16 @@ impl Mlp {
         Mlp { up, down: Linear::from_weight(down), inter }
     }
 
+    /// Its weight tensors in the order a step reads them (gate/up, down).
+    pub(crate) fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut out = match &mut self.up {
+            GateUp::Fused(l) => l.weight_mut().tensors_mut(),
+            GateUp::Split([g, u]) => g.tensors_mut().into_iter().chain(u.tensors_mut()).collect(),
+        };
+        out.extend(self.down.weight_mut().tensors_mut());
+        out
+    }
+
     /// Its matrices as one expert of the routed-experts kernel: gate/up (one fused `[2I, H]` or
     /// two), down, and `I`.
     pub(crate) fn as_expert(&self) -> (&[Weight], &Weight, i64) {

@@ -104,11 +104,12 @@ impl Model {
             layers[i - 1].set_then(next);
         }
         let (norm, lm_head) = if last {
-            let head = if config.tie_word_embeddings && !ck.contains("lm_head.weight") {
+            let mut head = if config.tie_word_embeddings && !ck.contains("lm_head.weight") {
                 ctx.matrix("model.embed_tokens.weight", &[v, h])?
             } else {
                 ctx.matrix("lm_head.weight", &[v, h])?
             };
+            crate::huge_pages::pack(head.tensors_mut());
             if let Some(l) = layers.last_mut() {
                 l.set_then(vec![head.shallow_clone()]);
             }
@@ -122,11 +123,18 @@ impl Model {
         ck.finish_progress();
         let kernel =
             if opts.device == Device::Cpu { crate::kernels::isa::selected().name() } else { "libtorch" };
+        let huge_pages = match crate::huge_pages::report() {
+            _ if opts.device != Device::Cpu => "n/a".to_string(),
+            _ if !crate::huge_pages::enabled() => "off (MLASERVE_HUGE_PAGES=0)".to_string(),
+            Some((mode, bytes)) => format!("{:.1} MB (THP {mode})", bytes as f64 / 1e6),
+            None => "unknown".to_string(),
+        };
         tracing::info!(
             layers = ?range,
             dtype = %opts.dtype,
             weights = %weights_held,
             kernel,
+            huge_pages = %huge_pages,
             cpu_features = %crate::kernels::isa::cpu_features(),
             mtp = mtp.is_some(),
             expert_shards,

@@ -30,11 +30,32 @@ pub struct ExpertShard {
 impl ExpertShard {
     /// Dense experts from stacked `gate_up [n, 2I, H]` (gate rows then up rows) and `down [n, H, I]`.
     fn stacked(first: i64, gate_up: &Tensor, down: &Tensor, inter: i64, device: Device) -> Self {
-        let experts = (0..gate_up.size()[0])
-            .map(|e| (vec![Weight::Dense(gate_up.get(e))], Weight::Dense(down.get(e))))
-            .collect();
         let stacked = Some((gate_up.shallow_clone(), down.shallow_clone()));
-        ExpertShard { first, experts, stacked, inter, device }
+        let mut shard = ExpertShard { first, experts: vec![], stacked, inter, device };
+        shard.refresh_views();
+        shard
+    }
+
+    /// Its weight tensors: the stacked pair (call [`ExpertShard::refresh_views`] after moving
+    /// them), or each expert's own.
+    fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+        match &mut self.stacked {
+            Some((gu, d)) => vec![gu, d],
+            None => self
+                .experts
+                .iter_mut()
+                .flat_map(|(gu, d)| gu.iter_mut().chain(std::iter::once(d)).flat_map(Weight::tensors_mut))
+                .collect(),
+        }
+    }
+
+    /// The per-expert views of the stacked pair (again, after it moved).
+    fn refresh_views(&mut self) {
+        if let Some((gu, d)) = &self.stacked {
+            self.experts = (0..gu.size()[0])
+                .map(|e| (vec![Weight::Dense(gu.get(e))], Weight::Dense(d.get(e))))
+                .collect();
+        }
     }
 
     #[cfg(test)]
@@ -264,6 +285,21 @@ impl Moe {
         self.forward_then(x, &[])
     }
 
+    /// Its weight tensors in the order a step reads them (router, shared expert, routed experts);
+    /// [`Moe::refresh_views`] after moving them.
+    pub(crate) fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut out = vec![&mut self.router.weight];
+        if let Some(s) = &mut self.shared {
+            out.extend(s.tensors_mut());
+        }
+        out.extend(self.shards.iter_mut().flat_map(ExpertShard::tensors_mut));
+        out
+    }
+
+    pub(crate) fn refresh_views(&mut self) {
+        self.shards.iter_mut().for_each(ExpertShard::refresh_views);
+    }
+
     /// What its first product reads, when known before routing: the shared expert's gate/up.
     pub(crate) fn first_weights(&self) -> Vec<&Weight> {
         self.shared.as_ref().map(Mlp::first_weights).unwrap_or_default()
@@ -378,6 +414,48 @@ mod tests {
             let got = moe.forward(&x);
             assert!(got.equal(&want), "{kind:?} shared width {si}");
         }
+    }
+
+    /// Packing a MoE's weights (see `huge_pages`) moves every tensor a step reads, the expert
+    /// views follow the stacked pair, and the layer computes exactly what it did.
+    #[test]
+    fn packed_weights_compute_the_same() {
+        let (e, h, i, n) = (8i64, 32i64, 16i64, 3i64);
+        let opts = (Kind::Float, Device::Cpu);
+        tch::manual_seed(5);
+        let kind = Kind::BFloat16;
+        let gate_up = (Tensor::randn([e, 2 * i, h], opts) * 0.2).to_kind(kind);
+        let down = (Tensor::randn([e, h, i], opts) * 0.2).to_kind(kind);
+        let w = |r: i64, c: i64| Weight::Dense((Tensor::randn([r, c], opts) * 0.2).to_kind(kind));
+        let mut moe = Moe {
+            router: Router::random(e, h, 4, 2, 3),
+            shards: vec![ExpertShard::stacked(0, &gate_up, &down, i, Device::Cpu)],
+            combine: Combine::Add,
+            shared: Some(Mlp::new(w(i, h), w(i, h), w(h, i))),
+        };
+        let x = Tensor::randn([n, h], opts).to_kind(kind);
+        let want = moe.forward(&x);
+        let before: Vec<usize> = moe.tensors_mut().iter().map(|t| t.data_ptr() as usize).collect();
+        assert_eq!(before.len(), 1 + 2 + 2, "router, shared gate/up and down, stacked gate/up and down");
+        let packed = crate::huge_pages::pack(moe.tensors_mut());
+        moe.refresh_views();
+        if packed == 0 {
+            return; // MLASERVE_HUGE_PAGES=0
+        }
+        let after: Vec<usize> = moe.tensors_mut().iter().map(|t| t.data_ptr() as usize).collect();
+        assert!(before.iter().zip(&after).all(|(b, a)| b != a), "every tensor moved");
+        assert!(after.windows(2).all(|p| p[0] < p[1]), "in read order");
+        let shard = &moe.shards[0];
+        let (gu, d) = shard.stacked.as_ref().unwrap();
+        for (k, (g, dn)) in shard.experts.iter().enumerate() {
+            let ptr = |w: &Weight| match w {
+                Weight::Dense(t) => t.data_ptr() as usize,
+                Weight::Fp8 { .. } => unreachable!(),
+            };
+            assert_eq!(ptr(&g[0]), gu.get(k as i64).data_ptr() as usize, "expert {k} gate/up view");
+            assert_eq!(ptr(dn), d.get(k as i64).data_ptr() as usize, "expert {k} down view");
+        }
+        assert!(moe.forward(&x).equal(&want));
     }
 
     /// The kernel form (host routing, one `routed_experts` call) equals the tensor form in f32,
