@@ -247,7 +247,7 @@ def main():
     bw = hostinfo.read_bandwidth(cache, a.threads, mib=mib, reps=3 if a.quick else 10)
     res["read_bandwidth_gb_s"] = bw
     print(f"read bandwidth: {bw[1]:.1f} GB/s on 1 thread, {bw[a.threads]:.1f} GB/s on {a.threads} "
-          f"({bw['method']}, {mib} MiB buffer)", flush=True)
+          f"({bw['method']}, {mib} MiB buffer{_pages(bw, a.threads)})", flush=True)
 
     samples, foreign = {"mlaserve": [], "llama.cpp": []}, []
     # Each engine's decode group (batch 1 first) right after a sustained read of the same length.
@@ -277,7 +277,7 @@ def main():
     bw_end = hostinfo.read_bandwidth(cache, a.threads, mib=mib, reps=3 if a.quick else 10)
     res["read_bandwidth_end_gb_s"] = bw_end
     print(f"read bandwidth at the end: {bw_end[1]:.1f} GB/s on 1 thread, {bw_end[a.threads]:.1f} GB/s on "
-          f"{a.threads}; the floor uses the higher of the two", flush=True)
+          f"{a.threads}{_pages(bw_end, a.threads)}; the floor uses the higher of the two", flush=True)
     bw = {t: max(bw[t], bw_end[t]) if isinstance(bw[t], float) else bw[t] for t in bw}
     res["read_bandwidth_best_gb_s"] = bw
     active = hostinfo.active_bytes(model)
@@ -300,6 +300,12 @@ def main():
     report(res, FIGURES)
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(res, indent=2))
+
+
+def _pages(bw, threads):
+    """', on N threads 4 KiB pages X, 2 MiB pages Y GB/s' where the C reader measured both."""
+    p = bw.get("pages", {}).get(threads)
+    return f"; on {threads}: 4 KiB pages {p['4k']:.1f}, 2 MiB pages {p['2m']:.1f}" if p else ""
 
 
 def _l3_mib(l3):
