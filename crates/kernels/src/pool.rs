@@ -188,9 +188,19 @@ fn prefetch_hint(s: &Shared, me: usize, threads: usize, seen: u64) {
         if s.epoch.load(Ordering::Relaxed) != seen {
             return;
         }
-        for line in (0..len).step_by(64) {
-            prefetch_line(addr.wrapping_add(line));
-        }
+        prefetch_range::<TO_L1>(addr, len);
+    }
+}
+
+/// Prefetch targets (x86 `_MM_HINT_T0` / `_MM_HINT_T1`); aarch64 prefetches into L2 for both.
+pub(crate) const TO_L1: i32 = 3;
+pub(crate) const TO_L2: i32 = 2;
+
+/// Prefetches of every cache line of `[addr, addr + len)` towards `TO` ([`TO_L1`] or [`TO_L2`]);
+/// never faults, whatever the range.
+pub(crate) fn prefetch_range<const TO: i32>(addr: usize, len: usize) {
+    for line in (0..len).step_by(64) {
+        prefetch_line::<TO>(addr.wrapping_add(line));
     }
 }
 
@@ -225,13 +235,13 @@ fn hint_chunks(
     })
 }
 
-/// A prefetch of the cache line at `addr` into every level; never faults, whatever `addr` is.
+/// A prefetch of the cache line at `addr` (see [`prefetch_range`]); never faults, whatever `addr` is.
 #[inline(always)]
-fn prefetch_line(addr: usize) {
+fn prefetch_line<const TO: i32>(addr: usize) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: prefetch is a hint; it does not fault on any address.
     unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(addr as *const i8)
+        std::arch::x86_64::_mm_prefetch::<TO>(addr as *const i8)
     };
     #[cfg(target_arch = "aarch64")]
     // SAFETY: as above (PRFM never faults).
@@ -316,6 +326,18 @@ pub fn global() -> &'static Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The prefetch targets are x86's hint values, and a prefetch of any range (unmapped, past the
+    /// end of the address space) does not fault.
+    #[test]
+    fn prefetch_targets_and_ranges() {
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!((TO_L1, TO_L2), (std::arch::x86_64::_MM_HINT_T0, std::arch::x86_64::_MM_HINT_T1));
+        let v = vec![1u8; 4096];
+        prefetch_range::<TO_L2>(v.as_ptr() as usize, v.len());
+        prefetch_range::<TO_L1>(usize::MAX - 100, 4096);
+        prefetch_range::<TO_L2>(0, 0);
+    }
 
     /// A hint covers every byte of its ranges once (up to the cap), in chunks inside one range,
     /// starting at the caller's share of the sequence.
