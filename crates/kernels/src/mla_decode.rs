@@ -163,6 +163,7 @@ fn by_head(isa: Isa, p: &MlaDecode, m: usize) -> Vec<f32> {
     check_slots(p.seqs, p.cache.len() / w);
     let mut out = vec![0f32; m * h * dv];
     let op = SendPtr(out.as_mut_ptr());
+    let threads = pool::global().threads();
     let run = |hd: usize| {
         let bits_of = |x: &[f32]| {
             let mut b = vec![0u16; if p.round_bf16 { x.len() } else { 0 }];
@@ -192,7 +193,7 @@ fn by_head(isa: Isa, p: &MlaDecode, m: usize) -> Vec<f32> {
         // batch-1 steps 1.04-1.06x faster (FP8 1.07x, batch 16 1.05x; into L1 1-3 points less),
         // the next W_UK another 1.02-1.05x (FP8 1.06x, batch 16 1.03x).
         let w_uv = head_of(&p.w_uv, hd, dv, rkv);
-        let next = hd + pool::global().threads();
+        let next = hd + threads;
         let next_uk = (next < h).then(|| head_of(&p.w_uk_t, next, rkv, dn));
         for (addr, len) in w_uv.ranges().into_iter().chain(next_uk.iter().flat_map(Weights::ranges)) {
             pool::prefetch_range::<{ pool::TO_L2 }>(addr, len);

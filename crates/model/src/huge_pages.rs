@@ -39,7 +39,8 @@ fn huge_bytes(bytes: usize) -> Tensor {
 #[cfg(target_os = "linux")]
 fn advise_huge(addr: usize, len: usize) {
     // SAFETY: [addr, addr + len) lies inside an allocation this module made and owns (the raw
-    // tensor above: `off + len <= bytes + 2 MiB`), page-aligned; MADV_HUGEPAGE changes how it is
+    // tensor above: `off < 2 MiB` and `len < bytes + 2 MiB`, so `off + len < bytes + 4 MiB`, its
+    // size), page-aligned; MADV_HUGEPAGE changes how it is
     // backed, not its contents. A failure (THP compiled out) leaves small pages: nothing to handle.
     unsafe {
         libc::madvise(addr as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
@@ -53,11 +54,14 @@ fn advise_huge(_addr: usize, _len: usize) {}
 /// each on a 64-byte boundary, values (bytes) unchanged; each `*t` becomes a view of it. Others
 /// are left where they are. Returns the bytes packed.
 pub(crate) fn pack(ts: Vec<&mut Tensor>) -> usize {
+    if !enabled() {
+        return 0;
+    }
     let mut ts: Vec<&mut Tensor> =
         ts.into_iter().filter(|t| t.device() == Device::Cpu && t.is_contiguous() && t.numel() > 0).collect();
     let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
     let total: usize = ts.iter().map(|t| bytes(t).next_multiple_of(ALIGN)).sum();
-    if total == 0 || !enabled() {
+    if total == 0 {
         return 0;
     }
     let arena = huge_bytes(total);

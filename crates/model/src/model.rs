@@ -123,11 +123,15 @@ impl Model {
         ck.finish_progress();
         let kernel =
             if opts.device == Device::Cpu { crate::kernels::isa::selected().name() } else { "libtorch" };
-        let huge_pages = match crate::huge_pages::report() {
-            _ if opts.device != Device::Cpu => "n/a".to_string(),
-            _ if !crate::huge_pages::enabled() => "off (MLASERVE_HUGE_PAGES=0)".to_string(),
-            Some((mode, bytes)) => format!("{:.1} MB (THP {mode})", bytes as f64 / 1e6),
-            None => "unknown".to_string(),
+        let huge_pages = if opts.device != Device::Cpu {
+            "n/a".to_string()
+        } else if !crate::huge_pages::enabled() {
+            "off (MLASERVE_HUGE_PAGES=0)".to_string()
+        } else {
+            match crate::huge_pages::report() {
+                Some((mode, bytes)) => format!("{:.1} MB (THP {mode})", bytes as f64 / 1e6),
+                None => "unknown".to_string(),
+            }
         };
         tracing::info!(
             layers = ?range,
