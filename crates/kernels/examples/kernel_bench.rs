@@ -3,7 +3,7 @@
 //! copies larger than the last-level cache (decode reads its weights from memory).
 use std::time::Instant;
 
-use mlaserve_kernels::{bf16_bits, grouped_gemm_into_with, isa, pool, Fp8, Problem, Weights};
+use mlaserve_kernels::{bf16_bits, grouped_gemm_into_with, isa, pool, replay, Fp8, Problem, Weights};
 
 fn main() {
     let a: Vec<usize> = std::env::args().skip(1).map(|s| s.parse().expect("a number")).collect();
@@ -48,12 +48,27 @@ fn main() {
                     run(i % copies, &mut out);
                 }
                 let dt = t.elapsed().as_secs_f64() / iters as f64;
+                // The same bytes read plainly on the same pool (`replay`), cycled the same way.
+                let recs: Vec<replay::Recording> = (0..copies)
+                    .map(|c| {
+                        replay::start();
+                        run(c, &mut out);
+                        replay::finish()
+                    })
+                    .collect();
+                let t = Instant::now();
+                for i in 0..iters {
+                    // SAFETY: the recorded weights are alive until the end of main.
+                    std::hint::black_box(unsafe { recs[i % copies].read() });
+                }
+                let dr = t.elapsed().as_secs_f64() / iters as f64;
                 println!(
-                    "{isa:>10} {name:>4}{} m={m} n={n} k={k}: {:8.1} us {:6.1} GB/s {:7.1} GFLOP/s",
+                    "{isa:>10} {name:>4}{} m={m} n={n} k={k}: {:8.1} us {:6.1} GB/s {:7.1} GFLOP/s; a plain read of the bytes {:6.1} GB/s",
                     if with_xb { "·bf16x" } else { "      " },
                     dt * 1e6,
                     (n * k * bytes) as f64 / dt / 1e9,
-                    2.0 * (m * n * k) as f64 / dt / 1e9
+                    2.0 * (m * n * k) as f64 / dt / 1e9,
+                    (n * k * bytes) as f64 / dr / 1e9
                 );
             }
         }

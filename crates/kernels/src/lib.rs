@@ -19,6 +19,7 @@ pub mod fp8;
 pub mod isa;
 pub mod moe;
 pub mod pool;
+pub mod replay;
 pub mod rows;
 
 /// The sweep of the AVX-512, AVX2 and NEON paths over a task's columns: one input row streams each weight
@@ -219,6 +220,7 @@ pub fn grouped_gemm_into_with(isa: Isa, problems: &[Problem], outs: &mut [&mut [
     for (i, (p, o)) in problems.iter().zip(outs.iter()).enumerate() {
         p.check(i, o.len());
     }
+    replay::record(problems.iter().map(|p| p.w));
     let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
     let run = |&(i, n0, n1): &(usize, usize, usize)| {
         // SAFETY: columns n0..n1 of piece's problem output belong to that piece alone; the

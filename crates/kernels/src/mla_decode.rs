@@ -113,6 +113,7 @@ pub fn mla_decode(p: &MlaDecode) -> Vec<f32> {
 /// [`mla_decode`] on a given path.
 pub fn mla_decode_with(isa: Isa, p: &MlaDecode) -> Vec<f32> {
     assert!(isa.supported(), "kernel path {isa} is not supported by this CPU");
+    crate::replay::record([p.w_uk_t, p.w_uv]);
     let h = p.heads;
     let m = p.seqs.iter().map(|s| s.row + s.new).max().unwrap_or(0);
     assert!(p.q_pe.len() >= m * h * p.dr, "rotary queries too small");

@@ -109,12 +109,14 @@ impl<'m> Engine<'m> {
         index: &std::collections::HashMap<SeqId, usize>,
         outputs: &mut [Vec<u32>],
     ) -> Result<()> {
+        let mut replay = profile::ReplayFloor::default();
         while !self.planner.ids().is_empty() {
             let started = std::time::Instant::now();
             let plan = self.planner.plan().ok_or_else(|| {
                 ModelError::Cache(format!("the batch cannot progress: {:?}", self.planner.stats()))
             })?;
             let prefilling = plan.items.iter().any(|w| w.tokens.len() > 1 || !w.sample);
+            replay.before_step(!prefilling);
             let mut steps = Vec::with_capacity(plan.items.len());
             let mut ids = Vec::new();
             for w in &plan.items {
@@ -153,7 +155,7 @@ impl<'m> Engine<'m> {
                 let _p = profile::section("lm_head");
                 self.model.logits(&h)?
             };
-            let _p = profile::section("sample");
+            let sample_section = profile::section("sample");
             let sample_rows: Vec<SampleRow> = sampled
                 .iter()
                 .map(|&k| {
@@ -177,6 +179,8 @@ impl<'m> Engine<'m> {
                 self.stats.decode_secs += secs;
                 self.stats.decode_steps += 1;
                 self.stats.decode_tokens += outs.len();
+                drop(sample_section);
+                replay.after_decode_step();
             }
             for (&k, o) in sampled.iter().zip(outs) {
                 let (id, i) = (items[k].id, index[&items[k].id]);
