@@ -1,6 +1,7 @@
 //! `cargo run --release -p mlaserve-kernels --example kernel_bench -- M N K [THREADS]`: time of one
 //! `[M, K] x [N, K]ᵀ` product per kernel path and weight format, with the weights cycled through
-//! copies larger than the last-level cache (decode reads its weights from memory).
+//! copies larger than the last-level cache (decode reads its weights from memory), beside a plain
+//! read of the same bytes on the same pool, the two alternating.
 use std::time::Instant;
 
 use mlaserve_kernels::{bf16_bits, grouped_gemm_into_with, isa, pool, replay, Fp8, Problem, Weights};
@@ -39,16 +40,9 @@ fn main() {
                     let p = Problem { x: &x, x_bf16: with_xb.then_some(xb.as_slice()), w, m, n, k };
                     grouped_gemm_into_with(isa, std::slice::from_ref(&p), &mut [out]);
                 };
-                for c in 0..copies {
-                    run(c, &mut out);
-                }
-                let iters = (copies * 3).max(20);
-                let t = Instant::now();
-                for i in 0..iters {
-                    run(i % copies, &mut out);
-                }
-                let dt = t.elapsed().as_secs_f64() / iters as f64;
-                // The same bytes read plainly on the same pool (`replay`), cycled the same way.
+                // Warm-up, recording each copy's bytes for a plain read of them on the same pool
+                // (`replay`): product and read alternate every 3 calls, so that both see the same
+                // moments of a host whose memory speed moves.
                 let recs: Vec<replay::Recording> = (0..copies)
                     .map(|c| {
                         replay::start();
@@ -56,19 +50,29 @@ fn main() {
                         replay::finish()
                     })
                     .collect();
-                let t = Instant::now();
-                for i in 0..iters {
-                    // SAFETY: the recorded weights are alive until the end of main.
-                    std::hint::black_box(unsafe { recs[i % copies].read() });
+                let iters = (copies * 3).max(20).next_multiple_of(6);
+                let mut spent = [0f64; 2];
+                for i in 0..2 * iters {
+                    let read = (i / 3) % 2 == 1;
+                    let t = Instant::now();
+                    if read {
+                        // SAFETY: the recorded weights are alive until the end of main.
+                        std::hint::black_box(unsafe { recs[i % copies].read() });
+                    } else {
+                        run(i % copies, &mut out);
+                    }
+                    spent[read as usize] += t.elapsed().as_secs_f64();
                 }
-                let dr = t.elapsed().as_secs_f64() / iters as f64;
+                let (dt, dr) = (spent[0] / iters as f64, spent[1] / iters as f64);
                 println!(
-                    "{isa:>10} {name:>4}{} m={m} n={n} k={k}: {:8.1} us {:6.1} GB/s {:7.1} GFLOP/s; a plain read of the bytes {:6.1} GB/s",
+                    "{isa:>10} {name:>4}{} m={m} n={n} k={k}: {:8.1} us {:6.1} GB/s {:7.1} GFLOP/s; \
+                     a plain read of the bytes {:6.1} GB/s (product / read {:.3})",
                     if with_xb { "·bf16x" } else { "      " },
                     dt * 1e6,
                     (n * k * bytes) as f64 / dt / 1e9,
                     2.0 * (m * n * k) as f64 / dt / 1e9,
-                    (n * k * bytes) as f64 / dr / 1e9
+                    (n * k * bytes) as f64 / dr / 1e9,
+                    dt / dr
                 );
             }
         }
