@@ -138,8 +138,9 @@ fn rows_per_task(n: usize) -> usize {
 }
 
 /// Weight bytes per unit of a decode-sized group (memory-bound, one pass over its input rows): a
-/// unit's rows are a short stretch of its thread's stream (~1-3 µs), so the claim per unit costs
-/// little and a product ends within one unit on every thread.
+/// unit's rows are a short stretch of its thread's stream (~1-3 µs), so a product ends within one
+/// unit on every thread. A thread claims its own units in runs (see `shares::Shares::front`) and
+/// sweeps a run's rows in one call.
 const UNIT_BYTES: usize = 64 << 10;
 
 fn unit_rows(p: &Problem) -> usize {
@@ -239,7 +240,19 @@ pub fn grouped_gemm_into_with(isa: Isa, problems: &[Problem], outs: &mut [&mut [
         // task it picked up: `work` drains every share, so a share taken twice is harmless.
         let parts = shares.parts();
         pool.for_each(parts.min(units.len()), &|_| {
-            shares.work(pool::thread_index().min(parts - 1), &|u| run(&units[u]))
+            shares.work(pool::thread_index().min(parts - 1), &|r| {
+                // Consecutive units of one product are one call: one sweep over their rows.
+                let mut u = r.start;
+                while u < r.end {
+                    let (i, n0, mut n1) = units[u];
+                    u += 1;
+                    while u < r.end && units[u].0 == i && units[u].1 == n1 {
+                        n1 = units[u].2;
+                        u += 1;
+                    }
+                    run(&(i, n0, n1));
+                }
+            })
         });
     } else {
         // Prefill: tasks from a shared queue, sized from the whole group's rows.
