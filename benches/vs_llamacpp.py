@@ -180,8 +180,9 @@ def decode_profile(ours, new_tokens, active, bw):
     full = ours.generate(1, 32, new_tokens + 1, profile=True)
     steps = full["decode_steps"] - short["decode_steps"]
     step_ms = (full["decode_secs"] - short["decode_secs"]) * 1e3 / steps
-    names = [n for n in full["profile"] if n != "replay"]
-    rows, names = [], sorted(names, key=lambda n: (SECTIONS.index(n) if n in SECTIONS else 99, n))
+    rows = []
+    names = sorted((n for n in full["profile"] if n != "replay"),
+                   key=lambda n: (SECTIONS.index(n) if n in SECTIONS else 99, n))
     for name in names:
         ms, calls = full["profile"][name]
         ms0, calls0 = short["profile"].get(name, (0.0, 0))
@@ -198,10 +199,8 @@ def decode_profile(ours, new_tokens, active, bw):
                  "share_of_read_bw": None, "gap_ms": step_ms - top})
     total = active["total"] / (bw * 1e9) * 1e3
     # The same bytes read again in-process after each decode step (MLASERVE_PROFILE's `replay`).
-    replay_ms = None
-    if full["profile"].get("replay", (0, 0))[1] > 0:
-        ms, calls = full["profile"]["replay"]
-        replay_ms = ms / calls
+    ms, calls = full["profile"].get("replay", (0.0, 0))
+    replay_ms = ms / calls if calls else None
     return {"step_ms": step_ms, "steps": steps, "floor_step_ms": total, "sections": rows,
             "replay_ms": replay_ms, "replay_gb_s": active["total"] / (replay_ms * 1e-3) / 1e9 if replay_ms else None,
             "share_of_replay": replay_ms / step_ms if replay_ms else None}

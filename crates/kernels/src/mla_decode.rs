@@ -113,7 +113,6 @@ pub fn mla_decode(p: &MlaDecode) -> Vec<f32> {
 /// [`mla_decode`] on a given path.
 pub fn mla_decode_with(isa: Isa, p: &MlaDecode) -> Vec<f32> {
     assert!(isa.supported(), "kernel path {isa} is not supported by this CPU");
-    crate::replay::record([p.w_uk_t, p.w_uv]);
     let h = p.heads;
     let m = p.seqs.iter().map(|s| s.row + s.new).max().unwrap_or(0);
     assert!(p.q_pe.len() >= m * h * p.dr, "rotary queries too small");
@@ -162,6 +161,9 @@ fn three_regions(isa: Isa, p: &MlaDecode, m: usize) -> Vec<f32> {
 fn by_head(isa: Isa, p: &MlaDecode, m: usize) -> Vec<f32> {
     let (h, w, dn, dr, dv, rkv) = (p.heads, p.rkv + p.dr, p.dn, p.dr, p.dv, p.rkv);
     check_slots(p.seqs, p.cache.len() / w);
+    // Its products run on the threads here, not through `grouped_gemm_into_with` (which records
+    // the three-region form's).
+    crate::replay::record([p.w_uk_t, p.w_uv]);
     let mut out = vec![0f32; m * h * dv];
     let op = SendPtr(out.as_mut_ptr());
     let threads = pool::global().threads();
@@ -305,6 +307,42 @@ mod tests {
                     assert_eq!(a, b, "{isa} format {format} bf16 {round_bf16}");
                 }
             }
+        }
+    }
+
+    /// Both forms of the core record W_UK and W_UV for the replay once (the three-region form
+    /// through its grouped products, the per-head form itself).
+    #[test]
+    fn both_forms_record_the_absorption_once() {
+        let _one = crate::replay::ARMING.lock().unwrap_or_else(|e| e.into_inner());
+        let (h, dn, dr, dv, rkv) = (8usize, 16usize, 8usize, 16usize, 32usize);
+        let w = rkv + dr;
+        let nslots = KEYS_PER_TASK + 8;
+        let cache = vec![0.25f32; nslots * w];
+        let slots: Vec<i64> = (0..nslots as i64).collect();
+        let (q_nope, q_pe) = (vec![0.5f32; h * dn], vec![0.5f32; h * dr]);
+        let (uk, uv) = (vec![0.1f32; h * rkv * dn], vec![0.2f32; h * dv * rkv]);
+        for cached in [3, KEYS_PER_TASK + 4] {
+            let seqs = [SeqKeys { row: 0, new: 1, cached, slots: &slots }];
+            let p = MlaDecode {
+                q_nope: &q_nope,
+                q_pe: &q_pe,
+                w_uk_t: Weights::F32(&uk),
+                w_uv: Weights::F32(&uv),
+                cache: CacheRows::F32(&cache),
+                heads: h,
+                dn,
+                dr,
+                dv,
+                rkv,
+                scale: 0.2,
+                seqs: &seqs,
+                round_bf16: false,
+            };
+            crate::replay::start();
+            mla_decode(&p);
+            let r = crate::replay::finish();
+            assert_eq!(r.bytes(), (uk.len() + uv.len()) * 4, "context {cached}");
         }
     }
 

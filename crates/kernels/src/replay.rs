@@ -7,8 +7,8 @@
 //! the step's own bytes right after the step, from the same pages, is the floor that step had.
 //!
 //! [`start`] arms recording for the calling thread; every product that thread then runs on the
-//! kernels ([`crate::grouped_gemm_into_with`], the absorbed decode core) appends its weights' byte
-//! ranges until [`finish`]. Off, a product pays one relaxed atomic load.
+//! kernels ([`crate::grouped_gemm_into_with`], the absorbed decode core's per-head form) appends
+//! its weights' byte ranges until [`finish`]. Off, a product pays one relaxed atomic load.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -102,7 +102,7 @@ impl Recording {
 /// else a loop the compiler vectorises.
 fn byte_sum(bytes: &[u8]) -> u64 {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
+    if crate::isa::Isa::Avx2.supported() {
         // SAFETY: the CPU has AVX2.
         return unsafe { byte_sum_avx2(bytes) };
     }
@@ -136,6 +136,10 @@ unsafe fn byte_sum_avx2(bytes: &[u8]) -> u64 {
     lanes.iter().sum::<u64>() + byte_sum_portable(blocks.remainder())
 }
 
+/// Tests that arm the recording hold this (one recording at a time in the process).
+#[cfg(test)]
+pub(crate) static ARMING: Mutex<()> = Mutex::new(());
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,6 +148,7 @@ mod tests {
     /// Products of other threads (the other tests) are not recorded.
     #[test]
     fn records_only_while_armed_and_reads_every_byte() {
+        let _one = ARMING.lock().unwrap_or_else(|e| e.into_inner());
         let w1: Vec<u16> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761u32) >> 16) as u16).collect();
         let q: Vec<u8> = (0..256u32).map(|i| (i * 7 + 3) as u8).collect();
         let scale = vec![0.5f32; 1];

@@ -58,9 +58,8 @@ impl Shares {
             if f >= b {
                 return None;
             }
-            let run = if front { ((b - f) / FRONT_SPLIT).max(1) } else { 1 };
-            let (next, units) =
-                if front { (pack(f + run, b), f..f + run) } else { (pack(f, b - 1), b - 1..b) };
+            let units = if front { f..f + ((b - f) / FRONT_SPLIT).max(1) } else { b - 1..b };
+            let next = if front { pack(units.end, b) } else { pack(f, units.start) };
             match r.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return Some(units.start as usize..units.end as usize),
                 Err(v) => cur = v,
