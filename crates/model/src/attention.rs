@@ -13,6 +13,7 @@ use crate::error::Result;
 use crate::kernels;
 use crate::linear::{forward_weight, Linear, Weight};
 use crate::loader::LoadCtx;
+use crate::mla_kernels;
 /// Re-exported from `loader`, where the load options live (it was defined here before).
 pub use crate::loader::PrefillForm;
 use crate::norm::RmsNorm;
@@ -169,10 +170,7 @@ impl Mla {
                 b.forward(&n)
             }
             QProj::Plain(_) => q_first,
-        }
-        .view([t, self.h, self.dn + self.dr]);
-        let q_nope = q.narrow(2, 0, self.dn);
-        let q_pe = rope::apply_rows(&q.narrow(2, self.dn, self.dr), &plan.cos, &plan.sin);
+        };
 
         let norm = (self.kv_norm.weight(), self.kv_norm.eps());
         if !kernels::write_latents(&kv, norm, (&plan.cos, &plan.sin), cache, &plan.write_slots) {
@@ -184,10 +182,29 @@ impl Mla {
 
         drop(proj);
         let core = profile::section("attn.core");
-        let out = match &plan.batched {
-            Some(g) if g.q_rows.is_none() => self.attend_batched(g, &q_nope, &q_pe, cache).to_kind(x.kind()),
+        let out = match self.attend_paged_q(plan, &q, cache) {
+            Some(o) => o,
+            None => {
+                let q = q.view([t, self.h, self.dn + self.dr]);
+                let q_nope = q.narrow(2, 0, self.dn);
+                let q_pe = rope::apply_rows(&q.narrow(2, self.dn, self.dr), &plan.cos, &plan.sin);
+                self.attend(x, plan, &q_nope, &q_pe, cache).reshape([t, self.h * self.dv])
+            }
+        };
+        drop(core);
+        kernels::prefetch(then);
+        let _p = profile::section("attn.o_proj");
+        self.o.forward(&out)
+    }
+
+    /// The rows of `plan` over `cache` for `q_nope [T, h, dn]` and rotated `q_pe [T, h, dr]`:
+    /// `[T, h, dv]` in `x`'s kind.
+    fn attend(&self, x: &Tensor, plan: &StepPlan, q_nope: &Tensor, q_pe: &Tensor, cache: &Tensor) -> Tensor {
+        let t = x.size()[0];
+        match &plan.batched {
+            Some(g) if g.q_rows.is_none() => self.attend_batched(g, q_nope, q_pe, cache).to_kind(x.kind()),
             None if !plan.paged.is_empty() && plan.paged_rows.is_none() => {
-                self.attend_paged(plan, &q_nope, &q_pe, cache).to_kind(x.kind())
+                self.attend_paged(plan, q_nope, q_pe, cache).to_kind(x.kind())
             }
             _ => {
                 let mut out = x.new_zeros([t, self.h, self.dv], (x.kind(), x.device()));
@@ -224,11 +241,7 @@ impl Mla {
                 }
                 out
             }
-        };
-        drop(core);
-        kernels::prefetch(then);
-        let _p = profile::section("attn.o_proj");
-        self.o.forward(&out.reshape([t, self.h * self.dv]))
+        }
     }
 
     /// The precision the score/softmax/value products are computed in: f32 on the CPU (libtorch's
@@ -296,7 +309,30 @@ impl Mla {
     fn attend_paged(&self, plan: &StepPlan, q_nope: &Tensor, q_pe: &Tensor, cache: &Tensor) -> Tensor {
         let _p = profile::section("core.paged");
         kernels::prefetch(&[self.o.weight()]);
-        kernels::mla_decode(q_nope, q_pe, cache, (&self.w_uk_t, &self.w_uv), &plan.paged, self.scale)
+        mla_kernels::mla_decode(q_nope, q_pe, &self.core_inputs(plan, cache))
+    }
+
+    /// A step of decode rows only (every row paged): the core straight from the query projection's
+    /// output `q [T, h · (dn + dr)]` (see [`mla_kernels::mla_decode_q`]), `[T, h · dv]`; None for
+    /// other steps, or tensors the kernels do not take.
+    fn attend_paged_q(&self, plan: &StepPlan, q: &Tensor, cache: &Tensor) -> Option<Tensor> {
+        if plan.batched.is_some() || plan.paged.is_empty() || plan.paged_rows.is_some() {
+            return None;
+        }
+        let _p = profile::section("core.paged");
+        kernels::prefetch(&[self.o.weight()]);
+        let dims = (self.h, self.dn, self.dr);
+        mla_kernels::mla_decode_q(q, (&plan.cos, &plan.sin), dims, &self.core_inputs(plan, cache))
+    }
+
+    fn core_inputs<'a>(&'a self, plan: &'a StepPlan, cache: &'a Tensor) -> mla_kernels::CoreInputs<'a> {
+        mla_kernels::CoreInputs {
+            cache,
+            w_uk_t: &self.w_uk_t,
+            w_uv: &self.w_uv,
+            seqs: &plan.paged,
+            scale: self.scale,
+        }
     }
 
     /// Softmax probabilities from raw scores (f32 rows over all `tc` keys; `visible(row)` keys

@@ -12,11 +12,10 @@ use tch::{Device, Kind, Tensor};
 pub use mlaserve_kernels::isa::{self, Isa};
 pub use mlaserve_kernels::pool;
 
-use crate::absorb::HeadWeights;
 use crate::linear::Weight;
 
 /// The elements of a contiguous CPU tensor of the matching kind.
-fn elems<T>(t: &Tensor, kind: Kind) -> &[T] {
+pub(crate) fn elems<T>(t: &Tensor, kind: Kind) -> &[T] {
     assert_eq!(t.kind(), kind);
     assert!(t.is_contiguous() && t.device() == Device::Cpu);
     // SAFETY: a contiguous CPU tensor of `kind` holds numel() values of T at data_ptr(), alive as
@@ -32,7 +31,7 @@ fn widened(bits: &[u16]) -> Vec<f32> {
 }
 
 /// A fresh bf16 CPU tensor of `size` holding `values` rounded to nearest even.
-fn bf16_tensor(values: &[f32], size: &[i64]) -> Tensor {
+pub(crate) fn bf16_tensor(values: &[f32], size: &[i64]) -> Tensor {
     let t = Tensor::empty(size, (Kind::BFloat16, Device::Cpu));
     assert_eq!(t.numel(), values.len());
     // SAFETY: a fresh contiguous bf16 tensor of values.len() elements, viewed once.
@@ -88,7 +87,7 @@ pub fn linear(x: &Tensor, w: &Weight) -> Tensor {
 }
 
 /// The kernels' view of a weight.
-fn weights_of(w: &Weight) -> Weights<'_> {
+pub(crate) fn weights_of(w: &Weight) -> Weights<'_> {
     match w {
         Weight::Dense(t) if t.kind() == Kind::BFloat16 => Weights::Bf16(elems(t, Kind::BFloat16)),
         Weight::Dense(t) => Weights::F32(elems(t, Kind::Float)),
@@ -239,7 +238,7 @@ pub(crate) fn routed_experts(x: &Tensor, runs: &[ExpertRows], inter: usize, then
 
 /// Whether the row kernels (`mlaserve_kernels::rows`) take these tensors: CPU, one float kind
 /// they read (f32 or bf16), shared by all.
-fn rows_kind(ts: &[&Tensor]) -> Option<Kind> {
+pub(crate) fn rows_kind(ts: &[&Tensor]) -> Option<Kind> {
     let k = ts[0].kind();
     (matches!(k, Kind::Float | Kind::BFloat16)
         && ts.iter().all(|t| t.kind() == k && t.device() == Device::Cpu))
@@ -434,85 +433,6 @@ pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Option<Tensor> {
         go!(u16)
     }
     Some(out)
-}
-
-/// The values of a 3-D f32 or bf16 CPU tensor whose last dimension is contiguous (e.g. a narrowed
-/// projection), row-major, as f32: bf16 widened here rather than by a libtorch cast and copy.
-fn rows_f32(t: &Tensor) -> Vec<f32> {
-    let (size, stride) = (t.size(), t.stride());
-    assert!(size.len() == 3 && stride[2] == 1 && t.device() == Device::Cpu, "rows of a 3-D CPU tensor");
-    let (a, b, c) = (size[0] as usize, size[1] as usize, size[2] as usize);
-    let mut out = vec![0f32; a * b * c];
-    if out.is_empty() {
-        return out;
-    }
-    let span = (a - 1) * stride[0] as usize + (b - 1) * stride[1] as usize + c;
-    macro_rules! go {
-        ($t:ty, $row:expr) => {{
-            // SAFETY: the view's elements lie within `span` values of its data pointer (strides
-            // as reported, last one 1), alive as long as `t`.
-            let v = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const $t, span) };
-            for i in 0..a {
-                for j in 0..b {
-                    let src = &v[i * stride[0] as usize + j * stride[1] as usize..][..c];
-                    $row(src, &mut out[(i * b + j) * c..][..c]);
-                }
-            }
-        }};
-    }
-    match t.kind() {
-        Kind::BFloat16 => go!(u16, |s: &[u16], d: &mut [f32]| rows::widen_bf16(s, d)),
-        Kind::Float => go!(f32, |s: &[f32], d: &mut [f32]| d.copy_from_slice(s)),
-        k => panic!("rows of kind {k:?}"),
-    }
-    out
-}
-
-/// The absorbed decode core (`mlaserve_kernels::attention::mla_decode`) for `q_nope [n, h, dn]`,
-/// `q_pe [n, h, dr]` over `cache [slots, rkv + dr]` (f32 or bf16) for `seqs`, with the absorption
-/// matrices `W_UKᵀ` (`[rkv, dn]` a head) and `W_UV` (`[dv, rkv]` a head) in any format the kernels
-/// read: `[n, h, dv]` in `q_nope`'s kind (f32 or bf16). bf16 activations round the absorbed query
-/// and `o_lat` to bf16, as the tensor form does.
-pub(crate) fn mla_decode(
-    q_nope: &Tensor,
-    q_pe: &Tensor,
-    cache: &Tensor,
-    (w_uk_t, w_uv): (&HeadWeights, &HeadWeights),
-    seqs: &[crate::batch::PagedSeq],
-    scale: f64,
-) -> Tensor {
-    use mlaserve_kernels::attention::{CacheRows, MlaDecode, SeqKeys};
-    let round_bf16 = q_nope.kind() == Kind::BFloat16;
-    let (qn, qp) = (rows_f32(q_nope), rows_f32(q_pe));
-    let (n, h, dn) = (q_nope.size()[0], q_nope.size()[1], q_nope.size()[2]);
-    let (dr, rkv, dv) = (q_pe.size()[2], w_uk_t.out, w_uv.out);
-    assert_eq!(cache.size()[1], rkv + dr, "cache rows and queries differ in width");
-    assert!(w_uk_t.heads == h && w_uv.heads == h, "absorption matrices for {h} heads");
-    let rows = match cache.kind() {
-        Kind::BFloat16 => CacheRows::Bf16(elems(cache, Kind::BFloat16)),
-        _ => CacheRows::F32(elems(cache, Kind::Float)),
-    };
-    let keys: Vec<SeqKeys> =
-        seqs.iter().map(|s| SeqKeys { row: s.row, new: s.new, cached: s.cached, slots: &s.slots }).collect();
-    let o = mlaserve_kernels::attention::mla_decode(&MlaDecode {
-        q_nope: &qn,
-        q_pe: &qp,
-        w_uk_t: weights_of(&w_uk_t.w),
-        w_uv: weights_of(&w_uv.w),
-        cache: rows,
-        heads: h as usize,
-        dn: dn as usize,
-        dr: dr as usize,
-        dv: dv as usize,
-        rkv: rkv as usize,
-        scale: scale as f32,
-        seqs: &keys,
-        round_bf16,
-    });
-    if round_bf16 {
-        return bf16_tensor(&o, &[n, h, dv]);
-    }
-    Tensor::from_slice(&o).view([n, h, dv])
 }
 
 /// Threads libtorch may use for its own ops next to the kernels' pool: one on the CPU (see the

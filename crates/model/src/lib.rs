@@ -19,6 +19,7 @@ pub mod kernels;
 pub mod layer;
 pub mod linear;
 pub mod loader;
+mod mla_kernels;
 pub mod mlp;
 pub mod model;
 pub mod moe;
