@@ -54,8 +54,15 @@ impl Rope {
             sin.extend_from_slice(&t.1[row * half..(row + 1) * half]);
         }
         let shape = [positions.len() as i64, half as i64];
-        let (c, s) = (Tensor::from_slice(&cos).view(shape), Tensor::from_slice(&sin).view(shape));
-        (c.to_kind(kind), s.to_kind(kind))
+        match kind {
+            // One fresh tensor each, filled here: a decode step's first libtorch calls are cold
+            // (a copy, a view and a cast each cost ~65 µs a step).
+            Kind::Float | Kind::BFloat16 => (host_tensor(&cos, shape, kind), host_tensor(&sin, shape, kind)),
+            _ => {
+                let (c, s) = (Tensor::from_slice(&cos).view(shape), Tensor::from_slice(&sin).view(shape));
+                (c.to_kind(kind), s.to_kind(kind))
+            }
+        }
     }
 
     fn table(&self, block: usize) -> Arc<Table> {
@@ -86,6 +93,19 @@ impl Rope {
         let sin = freqs.sin() * self.attention_factor;
         (cos.to_kind(kind), sin.to_kind(kind))
     }
+}
+
+/// `values` as a fresh CPU tensor of `shape` in `kind` (f32, or bf16 rounded to nearest even as
+/// libtorch's cast rounds).
+fn host_tensor(values: &[f32], shape: [i64; 2], kind: Kind) -> Tensor {
+    if kind == Kind::BFloat16 {
+        return crate::kernels::bf16_tensor(values, &shape);
+    }
+    let t = Tensor::empty(shape, (Kind::Float, Device::Cpu));
+    assert_eq!(t.numel(), values.len());
+    // SAFETY: a fresh contiguous f32 tensor of values.len() elements, viewed once.
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, values.len()) }.copy_from_slice(values);
+    t
 }
 
 /// [`apply`] for `x [T, dr]` or `[T, h, dr]` with `cos`/`sin [T, dr/2]`: on the CPU one row kernel
