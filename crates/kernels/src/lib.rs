@@ -155,15 +155,14 @@ fn unit_rows(p: &Problem) -> usize {
 /// The group's pieces `(problem, n0, n1)` in order, each problem's output rows cut every
 /// `rows(problem)` rows.
 fn pieces(problems: &[Problem], rows: impl Fn(&Problem) -> usize) -> Vec<(usize, usize, usize)> {
-    problems
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| p.m > 0 && p.n > 0)
-        .flat_map(|(i, p)| {
-            let r = rows(p);
-            (0..p.n).step_by(r).map(move |n0| (i, n0, (n0 + r).min(p.n)))
-        })
-        .collect()
+    let live = || problems.iter().enumerate().filter(|(_, p)| p.m > 0 && p.n > 0);
+    // Sized first: lm_head alone is ~1,000 units, which a growing vector copies ten times.
+    let mut out = Vec::with_capacity(live().map(|(_, p)| p.n.div_ceil(rows(p))).sum());
+    for (i, p) in live() {
+        let r = rows(p);
+        out.extend((0..p.n).step_by(r).map(|n0| (i, n0, (n0 + r).min(p.n))));
+    }
+    out
 }
 
 /// Input rows per pass over a task's weights: the pass's `x` stays in L2 while its weights stay in

@@ -64,7 +64,7 @@ impl Router {
             kernels::grouped_linear_into(&[(&x, &w)], &out);
             return out;
         }
-        x.to_kind(Kind::Float).mm(&self.weight.tr())
+        x.to_kind(Kind::Float).mm(&self.weight.tr()).contiguous()
     }
 
     /// The routing rule over host logits (row-major `[N, E]`) and the correction bias.
@@ -144,9 +144,11 @@ impl Router {
                 Dispatch::new(&idx, &w, self.n_experts)
             };
         }
-        let logits: Vec<f32> = Vec::try_from(self.logits(x).view([-1])).expect("fp32 logits");
+        // Read in place (contiguous f32 on the CPU): a view and a copy were cold libtorch calls.
+        let logits = self.logits(x);
         let bias = self.bias_host.get_or_init(|| Vec::try_from(&self.bias).expect("fp32 bias"));
-        Dispatch::from_host(&self.route_host(&logits, bias), self.n_experts as usize)
+        let route = self.route_host(kernels::elems(&logits, Kind::Float), bias);
+        Dispatch::from_host(&route, self.n_experts as usize)
     }
 
     #[cfg(test)]

@@ -58,6 +58,11 @@ impl Sampler {
         };
         for (i, row) in rows.iter().enumerate() {
             let p = row.params;
+            if p.is_greedy() && !p.adjusts_logits() && !p.wants_logprobs() {
+                // The argmax is the answer: no row tensor (a cold libtorch call or two a step).
+                out.push(SampleOutput { token: argmax[i] as u32, logprob: 0.0, top: vec![] });
+                continue;
+            }
             let raw = logits.get(i as i64);
             let processed = if p.adjusts_logits() {
                 apply_logit_bias(&apply_penalties(&raw, p, row.prompt, row.output), p)
