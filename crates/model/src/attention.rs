@@ -10,12 +10,14 @@ use tch::{Device, Kind, Tensor};
 use crate::absorb::HeadWeights;
 use crate::batch::{BatchedGroup, SoloSeq, StepPlan};
 use crate::error::Result;
+use crate::host_step::{self, HostAct};
 use crate::kernels;
+use crate::kernels::elems;
 use crate::linear::{forward_weight, Linear, Weight};
 use crate::loader::LoadCtx;
-use crate::mla_kernels;
 /// Re-exported from `loader`, where the load options live (it was defined here before).
 pub use crate::loader::PrefillForm;
+use crate::mla_kernels;
 use crate::norm::RmsNorm;
 use crate::profile;
 use crate::rope::{self, permute_rope_rows, rope_row_permutation};
@@ -195,6 +197,66 @@ impl Mla {
         kernels::prefetch(then);
         let _p = profile::section("attn.o_proj");
         self.o.forward(&out)
+    }
+
+    /// Whether [`Mla::forward_host`] takes this layer for activations of `kind`: every product on
+    /// the kernels, its norms in `kind`.
+    pub(crate) fn host_ready(&self, kind: Kind) -> bool {
+        let q = match &self.q {
+            QProj::Lora { a, norm, b } => a.host_ready() && b.host_ready() && norm.weight().kind() == kind,
+            QProj::Plain(p) => p.host_ready(),
+        };
+        q && self.kv_a.host_ready()
+            && self.o.host_ready()
+            && self.kv_norm.weight().kind() == kind
+            && [&self.w_uk_t.w, &self.w_uv.w].iter().all(|w| kernels::weight_ok(w))
+    }
+
+    /// [`Mla::forward_then`] on host rows `x [T, H]` of a step that fits the host form
+    /// (`host_step::plan_fits`), for a layer that is [`Mla::host_ready`] with `cache` of `T`'s kind:
+    /// the same products, rounding and hints.
+    pub(crate) fn forward_host<T: HostAct>(
+        &self,
+        x: &[T],
+        plan: &StepPlan,
+        cache: &mut Tensor,
+        then: &[&Weight],
+    ) -> Vec<T> {
+        let proj = profile::section("attn.proj");
+        if let QProj::Lora { b, .. } = &self.q {
+            kernels::prefetch(&[b.weight()]);
+        }
+        let first = match &self.q {
+            QProj::Lora { a, .. } => a,
+            QProj::Plain(p) => p,
+        };
+        let mut both = host_step::products(&[(x, first.weight()), (x, self.kv_a.weight())]).into_iter();
+        let q_first = T::rounded(&first.permuted_host(both.next().expect("two")));
+        let kv = T::rounded(&self.kv_a.permuted_host(both.next().expect("two")));
+        let q = match &self.q {
+            QProj::Lora { norm, b, .. } => {
+                let n = host_step::rms_norm(&q_first, (norm.weight(), norm.eps()));
+                kernels::prefetch(&[&self.w_uk_t.w, &self.w_uv.w]);
+                b.forward_host(&n)
+            }
+            QProj::Plain(_) => q_first,
+        };
+        let (cos, sin) = (T::of(&plan.cos), T::of(&plan.sin));
+        let slots = elems::<i64>(&plan.write_slots, Kind::Int64);
+        let norm = (T::of(self.kv_norm.weight()), self.kv_norm.eps());
+        kernels::latents_into::<T>(&kv, norm, (cos, sin), kernels::elems_mut(cache, T::KIND), slots);
+        drop(proj);
+        let core = profile::section("attn.core");
+        let o = {
+            let _p = profile::section("core.paged");
+            kernels::prefetch(&[self.o.weight()]);
+            let dims = (self.h, self.dn, self.dr);
+            T::rounded(&mla_kernels::decode_rows::<T>(&q, (cos, sin), dims, &self.core_inputs(plan, cache)))
+        };
+        drop(core);
+        kernels::prefetch(then);
+        let _p = profile::section("attn.o_proj");
+        self.o.forward_host(&o)
     }
 
     /// The rows of `plan` over `cache` for `q_nope [T, h, dn]` and rotated `q_pe [T, h, dr]`:

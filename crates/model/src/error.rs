@@ -24,6 +24,8 @@ pub enum ModelError {
     Cache(String),
     #[error("nccl: {0}")]
     Nccl(String),
+    #[error("decode step check: {0}")]
+    Check(String),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 }

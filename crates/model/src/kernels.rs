@@ -12,6 +12,7 @@ use tch::{Device, Kind, Tensor};
 pub use mlaserve_kernels::isa::{self, Isa};
 pub use mlaserve_kernels::pool;
 
+use crate::host_step::{self, tensor_of, HostAct};
 use crate::linear::Weight;
 
 /// The elements of a contiguous CPU tensor of the matching kind.
@@ -50,7 +51,7 @@ pub fn use_for(x: &Tensor, w: &Weight) -> bool {
 }
 
 /// The weight half of [`use_for`].
-fn weight_ok(w: &Weight) -> bool {
+pub(crate) fn weight_ok(w: &Weight) -> bool {
     let w_ok = match w {
         Weight::Dense(t) => {
             matches!(t.kind(), Kind::BFloat16 | Kind::Float) && t.dim() == 2 && t.is_contiguous()
@@ -204,35 +205,16 @@ pub(crate) type ExpertRows<'a> = (&'a [i64], &'a [f32], &'a [Weight], &'a Weight
 /// Returns the weighted sum `[N, H]` in `x`'s dtype (bf16 rounds as the tensor form does). `then`:
 /// what the product after this call reads (a hint, see [`prefetch`]).
 pub(crate) fn routed_experts(x: &Tensor, runs: &[ExpertRows], inter: usize, then: &[&Weight]) -> Tensor {
-    use mlaserve_kernels::moe::ExpertRun;
-    let kind = x.kind();
     let x = x.contiguous();
     let (n, h) = (x.size()[0], x.size()[1]);
-    // bf16 rows widened and the sum rounded back here, not by two libtorch casts.
-    let (wide, xt);
-    let xf: &[f32] = if kind == Kind::BFloat16 {
-        wide = widened(elems::<u16>(&x, Kind::BFloat16));
-        &wide
-    } else {
-        xt = x.to_kind(Kind::Float).contiguous();
-        elems(&xt, Kind::Float)
-    };
-    let experts: Vec<ExpertRun> = runs
-        .iter()
-        .map(|(tokens, weights, gu, down)| ExpertRun {
-            tokens,
-            weights,
-            gate_up: gu.iter().map(weights_of).collect(),
-            down: weights_of(down),
-        })
-        .collect();
-    let then = hint_views(then);
-    let mut out = vec![0f32; (n * h) as usize];
-    let bf16 = kind == Kind::BFloat16;
-    mlaserve_kernels::moe::routed_experts(xf, h as usize, inter, &experts, bf16, &then, &mut out);
-    match kind {
-        Kind::BFloat16 => bf16_tensor(&out, &[n, h]),
-        _ => Tensor::from_slice(&out).view([n, h]).to_kind(kind),
+    match x.kind() {
+        Kind::BFloat16 => {
+            tensor_of(&host_step::routed_experts::<u16>(u16::of(&x), h as usize, runs, inter, then), &[n, h])
+        }
+        Kind::Float => {
+            tensor_of(&host_step::routed_experts::<f32>(f32::of(&x), h as usize, runs, inter, then), &[n, h])
+        }
+        k => panic!("routed experts on {k:?} activations (the kernels take f32 and bf16)"),
     }
 }
 
@@ -300,28 +282,11 @@ pub(crate) fn swiglu(gu: &Tensor, inter: usize) -> Option<Tensor> {
     if inter == 0 || gu.dim() != 2 || gu.size()[1] as usize != 2 * inter {
         return None;
     }
-    let n = gu.size()[0] as usize;
-    let out = Tensor::empty([n as i64, inter as i64], (kind, Device::Cpu));
-    let bf16 = kind == Kind::BFloat16;
-    let mut row = vec![0f32; 2 * inter];
-    let mut act = vec![0f32; inter];
-    if bf16 {
-        let (src, dst) = (elems::<u16>(&gu, kind), out.data_ptr() as *mut u16);
-        for (r, g) in src.chunks_exact(2 * inter).enumerate() {
-            rows::widen_bf16(g, &mut row);
-            // SAFETY: `out` is fresh, contiguous, [n, inter] of `kind`; row r is written once.
-            let bits = unsafe { std::slice::from_raw_parts_mut(dst.add(r * inter), inter) };
-            rows::swiglu_row(&row[..inter], &row[inter..], &mut act, bits, true);
-        }
-    } else {
-        let (src, dst) = (elems::<f32>(&gu, kind), out.data_ptr() as *mut f32);
-        for (r, g) in src.chunks_exact(2 * inter).enumerate() {
-            // SAFETY: as above.
-            let o = unsafe { std::slice::from_raw_parts_mut(dst.add(r * inter), inter) };
-            rows::swiglu_row(&g[..inter], &g[inter..], o, &mut [], false);
-        }
-    }
-    Some(out)
+    let size = [gu.size()[0], inter as i64];
+    Some(match kind {
+        Kind::BFloat16 => tensor_of(&host_step::swiglu::<u16>(elems(&gu, kind), inter), &size),
+        _ => tensor_of(&host_step::swiglu::<f32>(elems(&gu, kind), inter), &size),
+    })
 }
 
 /// The latents of `kv [T, rkv + dr]` written into rows `slots` of `cache [slots, rkv + dr]`: the
@@ -355,9 +320,52 @@ pub(crate) fn write_latents(
     }
     let (kv, norm_w, cos, sin, slots) =
         (kv.contiguous(), norm_w.contiguous(), cos.contiguous(), sin.contiguous(), slots.contiguous());
-    let (w, rkv, half) = (width as usize, rkv as usize, (dr / 2) as usize);
-    let n_slots = cache.size()[0] as usize;
     let slots = elems::<i64>(&slots, Kind::Int64);
+    macro_rules! go {
+        ($t:ty) => {{
+            let cache = elems_mut::<$t>(cache, kind);
+            let (x, g) = (elems::<$t>(&kv, kind), elems::<$t>(&norm_w, kind));
+            latents_into::<$t>(x, (g, eps), (elems(&cos, kind), elems(&sin, kind)), cache, slots);
+        }};
+    }
+    if kind == Kind::Float {
+        go!(f32)
+    } else {
+        go!(u16)
+    }
+    true
+}
+
+/// The elements of a contiguous CPU tensor of the matching kind, to write.
+///
+/// The caller holds `t` mutably (no other view reads or writes it meanwhile).
+pub(crate) fn elems_mut<T>(t: &mut Tensor, kind: Kind) -> &mut [T] {
+    assert_eq!(t.kind(), kind);
+    assert!(t.is_contiguous() && t.device() == Device::Cpu);
+    // SAFETY: a contiguous CPU tensor of `kind` holds numel() values of T at data_ptr(), alive and
+    // borrowed mutably as long as `t`.
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, t.numel()) }
+}
+
+/// [`write_latents`] on host rows: `kv [T, w]` (`w` = rkv + dr, rkv = `norm_w.len()`), `cos`/`sin
+/// [T, dr/2]`, into rows `slots` of `cache [slots, w]`.
+pub(crate) fn latents_into<T: rows::Elem>(
+    kv: &[T],
+    (norm_w, eps): (&[T], f64),
+    (cos, sin): (&[T], &[T]),
+    cache: &mut [T],
+    slots: &[i64],
+) {
+    if slots.is_empty() {
+        return;
+    }
+    let rkv = norm_w.len();
+    let w = kv.len() / slots.len();
+    let half = (w - rkv) / 2;
+    assert!(
+        kv.len() == slots.len() * w && w > rkv && cos.len() == slots.len() * half && sin.len() == cos.len()
+    );
+    let n_slots = cache.len() / w;
     assert!(slots.iter().all(|&s| s >= 0 && (s as usize) < n_slots), "latent slot outside the cache");
     let l = mlaserve_kernels::rows::RopeLayout {
         rows: 1,
@@ -367,30 +375,14 @@ pub(crate) fn write_latents(
         row_stride: 2 * half,
         head_stride: 0,
     };
-    macro_rules! go {
-        ($t:ty) => {{
-            let (x, g) = (elems::<$t>(&kv, kind), elems::<$t>(&norm_w, kind));
-            let (c, s) = (elems::<$t>(&cos, kind), elems::<$t>(&sin, kind));
-            for (r, &slot) in slots.iter().enumerate() {
-                // SAFETY: `cache` is contiguous [n_slots, w] of this kind and `slot < n_slots`
-                // (checked); its row is viewed once here, and nothing else reads it meanwhile.
-                let row = unsafe {
-                    std::slice::from_raw_parts_mut((cache.data_ptr() as *mut $t).add(slot as usize * w), w)
-                };
-                let xr = &x[r * w..(r + 1) * w];
-                let (latent, pe) = row.split_at_mut(rkv);
-                rows::rms_norm::<$t>(&xr[..rkv], g, eps as f32, latent);
-                let cs = r * half..(r + 1) * half;
-                rows::rope::<$t>(&xr[rkv..], l, &c[cs.clone()], &s[cs], pe);
-            }
-        }};
+    for (r, &slot) in slots.iter().enumerate() {
+        let row = &mut cache[slot as usize * w..(slot as usize + 1) * w];
+        let xr = &kv[r * w..(r + 1) * w];
+        let (latent, pe) = row.split_at_mut(rkv);
+        rows::rms_norm::<T>(&xr[..rkv], norm_w, eps as f32, latent);
+        let cs = r * half..(r + 1) * half;
+        rows::rope::<T>(&xr[rkv..], l, &cos[cs.clone()], &sin[cs], pe);
     }
-    if kind == Kind::Float {
-        go!(f32)
-    } else {
-        go!(u16)
-    }
-    true
 }
 
 /// Rotary embedding of `x [T, dr]` or `x [T, h, dr]` (any strides with the last one 1, e.g. a

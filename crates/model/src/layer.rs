@@ -1,8 +1,9 @@
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use crate::attention::Mla;
 use crate::batch::StepPlan;
 use crate::error::Result;
+use crate::host_step::{self, HostAct};
 use crate::linear::Weight;
 use crate::loader::LoadCtx;
 use crate::mlp::Mlp;
@@ -114,6 +115,59 @@ impl DecoderLayer {
             Ffn::Moe(m) => {
                 let _p = profile::section("moe");
                 m.forward_then(&n, &then)
+            }
+        };
+        (h, f)
+    }
+
+    /// Whether [`DecoderLayer::forward_host`] takes this layer for activations of `kind`.
+    pub(crate) fn host_ready(&self, kind: Kind) -> bool {
+        let ffn = match &self.ffn {
+            Ffn::Dense(m) => m.host_ready(),
+            Ffn::Moe(m) => m.host_ready(),
+        };
+        ffn && self.attn.host_ready(kind)
+            && [&self.input_norm, &self.post_norm].iter().all(|n| n.weight().kind() == kind)
+    }
+
+    /// [`DecoderLayer::forward_split`] on host rows (`x [T, H]`, `pending` the previous layer's FFN
+    /// output) of a step that fits the host form, for a layer that is [`DecoderLayer::host_ready`].
+    pub(crate) fn forward_host<T: HostAct>(
+        &self,
+        x: Vec<T>,
+        pending: Option<&[T]>,
+        plan: &StepPlan,
+        cache: &mut Tensor,
+        hidden: usize,
+    ) -> (Vec<T>, Vec<T>) {
+        fn norm(n: &RmsNorm) -> (&Tensor, f64) {
+            (n.weight(), n.eps())
+        }
+        let (x, n) = match pending {
+            Some(f) => host_step::add_rms_norm(&x, f, norm(&self.input_norm)),
+            None => {
+                let n = host_step::rms_norm(&x, norm(&self.input_norm));
+                (x, n)
+            }
+        };
+        let a = {
+            let _p = profile::section("attention");
+            let ffn_first = match &self.ffn {
+                Ffn::Dense(m) => m.first_weights(),
+                Ffn::Moe(m) => m.first_weights(),
+            };
+            self.attn.forward_host(&n, plan, cache, &ffn_first)
+        };
+        let then: Vec<&Weight> = self.then.iter().collect();
+        let (h, n) = host_step::add_rms_norm(&x, &a, norm(&self.post_norm));
+        let f = match &self.ffn {
+            Ffn::Dense(m) => {
+                let _p = profile::section("dense_mlp");
+                m.forward_host(&n, &then)
+            }
+            Ffn::Moe(m) => {
+                let _p = profile::section("moe");
+                m.forward_host(&n, hidden, &then)
             }
         };
         (h, f)

@@ -13,6 +13,8 @@ pub mod dtype;
 pub mod engine;
 pub mod error;
 pub mod gemm_choice;
+mod host_step;
+pub use host_step::checked_steps;
 mod grouped_experts;
 mod huge_pages;
 pub mod kernels;

@@ -2,6 +2,7 @@
 
 use tch::{Device, Kind, Tensor};
 
+use crate::host_step::{self, HostAct};
 use crate::kernels;
 use crate::weights::dequantize_fp8;
 
@@ -107,6 +108,33 @@ impl Linear {
 
     pub fn weight(&self) -> &Weight {
         &self.weight
+    }
+
+    /// Whether the kernels compute it (its permutation, if any, on the CPU): what the host form of
+    /// a decode step takes (`host_step`).
+    pub(crate) fn host_ready(&self) -> bool {
+        kernels::weight_ok(&self.weight)
+            && self.out_perm.as_ref().is_none_or(|p| p.device() == Device::Cpu && p.kind() == Kind::Int64)
+    }
+
+    /// Host rows of the product (`[T, out]` row-major, from `host_step::products`) in its output
+    /// order: [`Linear::permuted`] on the host.
+    pub(crate) fn permuted_host(&self, y: Vec<f32>) -> Vec<f32> {
+        let Some(p) = &self.out_perm else { return y };
+        let p = kernels::elems::<i64>(p, Kind::Int64);
+        let mut out = vec![0f32; y.len()];
+        for (o, r) in out.chunks_exact_mut(p.len()).zip(y.chunks_exact(p.len())) {
+            for (v, &i) in o.iter_mut().zip(p) {
+                *v = r[i as usize];
+            }
+        }
+        out
+    }
+
+    /// [`Linear::forward`] on host rows `x [T, in]`, for a layer that is [`Linear::host_ready`].
+    pub(crate) fn forward_host<T: HostAct>(&self, x: &[T]) -> Vec<T> {
+        let y = host_step::products(&[(x, &self.weight)]).pop().expect("one product");
+        T::rounded(&self.permuted_host(y))
     }
 
     pub(crate) fn weight_mut(&mut self) -> &mut Weight {

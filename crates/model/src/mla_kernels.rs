@@ -7,6 +7,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::absorb::HeadWeights;
 use crate::batch::PagedSeq;
+use crate::host_step::HostAct;
 use crate::kernels::{bf16_tensor, elems, rows_kind, weights_of};
 
 /// What a layer's decode core reads besides its queries: the cache `[slots, rkv + dr]` (f32 or
@@ -61,8 +62,27 @@ pub(crate) fn mla_decode_q(
         return None;
     }
     let n = size[0] as usize;
+    let bf16 = kind == Kind::BFloat16;
+    let o = if bf16 {
+        decode_rows::<u16>(elems(q, kind), (elems(cos, kind), elems(sin, kind)), (h, dn, dr), c)
+    } else {
+        decode_rows::<f32>(elems(q, kind), (elems(cos, kind), elems(sin, kind)), (h, dn, dr), c)
+    };
+    Some(out_tensor(&o, &[n as i64, h * c.w_uv.out], bf16))
+}
+
+/// [`mla_decode_q`] on host rows `q [n, h · (dn + dr)]` of f32 or bf16 values (`cos`/`sin [n, dr /
+/// 2]` of the same type): `o [n, h, dv]`, rounded to bf16 values for bf16 rows.
+pub(crate) fn decode_rows<T: HostAct>(
+    q: &[T],
+    (cos, sin): (&[T], &[T]),
+    (h, dn, dr): (i64, i64, i64),
+    c: &CoreInputs,
+) -> Vec<f32> {
     let (hu, dnu, dru) = (h as usize, dn as usize, dr as usize);
-    let (mut qn, mut qp) = (vec![0f32; n * hu * dnu], vec![0f32; n * hu * dru]);
+    let n = q.len() / (hu * (dnu + dru));
+    let mut qn = vec![0f32; n * hu * dnu];
+    let mut qp = vec![0f32; n * hu * dru];
     let l = rows::RopeLayout {
         rows: n,
         heads: hu,
@@ -71,25 +91,14 @@ pub(crate) fn mla_decode_q(
         row_stride: hu * (dnu + dru),
         head_stride: dnu + dru,
     };
-    macro_rules! go {
-        ($t:ty, $widen:expr) => {{
-            let x = elems::<$t>(q, kind);
-            for (head, dst) in x.chunks_exact(dnu + dru).zip(qn.chunks_exact_mut(dnu)) {
-                $widen(&head[..dnu], dst);
-            }
-            let mut turned = vec![<$t>::default(); n * hu * dru];
-            rows::rope::<$t>(x, l, elems(cos, kind), elems(sin, kind), &mut turned);
-            $widen(&turned, &mut qp);
-        }};
+    let wide = T::widen(q);
+    for (head, dst) in wide.chunks_exact(dnu + dru).zip(qn.chunks_exact_mut(dnu)) {
+        dst.copy_from_slice(&head[..dnu]);
     }
-    let bf16 = kind == Kind::BFloat16;
-    if bf16 {
-        go!(u16, |s: &[u16], d: &mut [f32]| rows::widen_bf16(s, d))
-    } else {
-        go!(f32, |s: &[f32], d: &mut [f32]| d.copy_from_slice(s))
-    }
-    let o = core(&qn, &qp, (h, dn, dr), c, bf16);
-    Some(out_tensor(&o, &[n as i64, h * c.w_uv.out], bf16))
+    let mut turned = vec![T::default(); n * hu * dru];
+    rows::rope::<T>(q, l, cos, sin, &mut turned);
+    qp.copy_from_slice(&T::widen(&turned));
+    core(&qn, &qp, (h, dn, dr), c, T::KIND == Kind::BFloat16)
 }
 
 /// The kernel call for f32 queries `qn [n, h, dn]`, `qp [n, h, dr]`: `o [n, h, dv]`.
@@ -101,8 +110,11 @@ fn core(qn: &[f32], qp: &[f32], (h, dn, dr): (i64, i64, i64), c: &CoreInputs, ro
         Kind::BFloat16 => CacheRows::Bf16(elems(c.cache, Kind::BFloat16)),
         _ => CacheRows::F32(elems(c.cache, Kind::Float)),
     };
-    let keys: Vec<SeqKeys> =
-        c.seqs.iter().map(|s| SeqKeys { row: s.row, new: s.new, cached: s.cached, slots: &s.slots }).collect();
+    let keys: Vec<SeqKeys> = c
+        .seqs
+        .iter()
+        .map(|s| SeqKeys { row: s.row, new: s.new, cached: s.cached, slots: &s.slots })
+        .collect();
     mlaserve_kernels::attention::mla_decode(&MlaDecode {
         q_nope: qn,
         q_pe: qp,
@@ -161,7 +173,6 @@ fn rows_f32(t: &Tensor) -> Vec<f32> {
     out
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,7 +192,8 @@ mod tests {
         let n = 3;
         let f = |s: &[i64]| Tensor::randn(s, (Kind::Float, Device::Cpu));
         for kind in [Kind::Float, Kind::BFloat16] {
-            let w_uk_t = HeadWeights { w: Weight::Dense(f(&[h * rkv, dn]).to_kind(kind)), heads: h, out: rkv };
+            let w_uk_t =
+                HeadWeights { w: Weight::Dense(f(&[h * rkv, dn]).to_kind(kind)), heads: h, out: rkv };
             let w_uv = HeadWeights { w: Weight::Dense(f(&[h * dv, rkv]).to_kind(kind)), heads: h, out: dv };
             let cache = f(&[slots, rkv + dr]).to_kind(kind);
             let c = CoreInputs { cache: &cache, w_uk_t: &w_uk_t, w_uv: &w_uv, seqs: &seqs, scale: 0.3 };

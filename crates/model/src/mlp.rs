@@ -1,5 +1,6 @@
 use tch::Tensor;
 
+use crate::host_step::{self, HostAct};
 use crate::kernels;
 use crate::linear::{Linear, Weight};
 
@@ -49,6 +50,20 @@ impl Mlp {
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         self.forward_then(x, &[])
+    }
+
+    /// Whether [`Mlp::forward_host`] takes it: gate and up fused, every product on the kernels.
+    pub(crate) fn host_ready(&self) -> bool {
+        matches!(&self.up, GateUp::Fused(gu) if gu.host_ready()) && self.down.host_ready()
+    }
+
+    /// [`Mlp::forward_then`] on host rows `x [T, H]`, for an MLP that is [`Mlp::host_ready`].
+    pub(crate) fn forward_host<T: HostAct>(&self, x: &[T], then: &[&Weight]) -> Vec<T> {
+        let GateUp::Fused(gu) = &self.up else { unreachable!("host_ready: gate and up fused") };
+        kernels::prefetch(&[self.down.weight()]);
+        let act = host_step::swiglu(&gu.forward_host(x), self.inter as usize);
+        kernels::prefetch(then);
+        self.down.forward_host(&act)
     }
 
     /// gate/up: the weights its first product reads.

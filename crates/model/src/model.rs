@@ -13,6 +13,7 @@ use crate::cache::LatentCache;
 use crate::combine::Combine;
 use crate::dtype::DType;
 use crate::error::{input_err, ModelError, Result};
+use crate::host_step::StepForm;
 use crate::layer::DecoderLayer;
 use crate::linear::Linear;
 use crate::loader::{LoadCtx, LoadOptions};
@@ -34,6 +35,8 @@ pub struct Model {
     rope: Rope,
     expert_shards: usize,
     weights_held: String,
+    /// Which layers take the host form of a decode step (`host_step`), decided once.
+    host_ready: std::sync::OnceLock<Vec<bool>>,
 }
 
 /// `native (fp8 612.0 MB, bf16 67.1 MB)`.
@@ -157,6 +160,7 @@ impl Model {
             mtp,
             expert_shards,
             weights_held,
+            host_ready: Default::default(),
         })
     }
 
@@ -266,6 +270,23 @@ impl Model {
             )));
         }
         let _guard = tch::no_grad_guard();
+        let mode = crate::host_step::mode();
+        if mode != StepForm::Tensor {
+            let saved: Option<Vec<Tensor>> =
+                (mode == StepForm::Check).then(|| cache.layers.iter().map(Tensor::copy).collect());
+            if let Some(out) = self.forward_layers_host(&hidden, plan, cache) {
+                let Some(saved) = saved else { return Ok(out) };
+                let host_cache = std::mem::replace(&mut cache.layers, saved);
+                let want = self.forward_layers_tensor(&hidden, plan, cache);
+                crate::host_step::check(&out, &want, &host_cache, &cache.layers)?;
+                return Ok(want);
+            }
+        }
+        Ok(self.forward_layers_tensor(&hidden, plan, cache))
+    }
+
+    /// The layers in their tensor form.
+    fn forward_layers_tensor(&self, hidden: &Tensor, plan: &StepPlan, cache: &mut LatentCache) -> Tensor {
         let mut x = hidden.to_kind(self.dtype.kind());
         // Each layer's FFN output joins the stream in the next layer's input norm.
         let mut pending: Option<Tensor> = None;
@@ -273,10 +294,68 @@ impl Model {
             let (h, f) = layer.forward_split(&x, pending.as_ref(), plan, c);
             (x, pending) = (h, Some(f));
         }
-        Ok(match pending {
+        match pending {
             Some(f) => x + f,
             None => x,
-        })
+        }
+    }
+
+    /// [`Model::forward_layers`] in the host form (`host_step`) when the step, the stage and its
+    /// cache take it; None otherwise (nothing computed).
+    fn forward_layers_host(
+        &self,
+        hidden: &Tensor,
+        plan: &StepPlan,
+        cache: &mut LatentCache,
+    ) -> Option<Tensor> {
+        let kind = self.dtype.kind();
+        if !crate::host_step::plan_fits(plan) || self.device != Device::Cpu {
+            return None;
+        }
+        let ready = self.host_ready.get_or_init(|| self.layers.iter().map(|l| l.host_ready(kind)).collect());
+        let cache_ok = |c: &Tensor| c.kind() == kind && c.is_contiguous();
+        if !ready.iter().any(|&r| r) || !cache.layers.iter().all(cache_ok) || hidden.device() != Device::Cpu {
+            return None;
+        }
+        match kind {
+            tch::Kind::BFloat16 => Some(self.host_layers::<u16>(hidden, plan, cache, ready)),
+            tch::Kind::Float => Some(self.host_layers::<f32>(hidden, plan, cache, ready)),
+            _ => None,
+        }
+    }
+
+    /// The layers on host rows; a layer the host form does not take (`ready` false: FP8 dense
+    /// MLP's split gate and up, say) runs its tensor form between two conversions.
+    fn host_layers<T: crate::host_step::HostAct>(
+        &self,
+        hidden: &Tensor,
+        plan: &StepPlan,
+        cache: &mut LatentCache,
+        ready: &[bool],
+    ) -> Tensor {
+        use crate::host_step::tensor_of;
+        let size = hidden.size();
+        let x = hidden.to_kind(T::KIND).contiguous();
+        let mut x: Vec<T> = T::of(&x).to_vec();
+        let mut pending: Option<Vec<T>> = None;
+        let host = |t: Tensor| T::of(&t.contiguous()).to_vec();
+        for ((layer, c), &ready) in self.layers.iter().zip(cache.layers.iter_mut()).zip(ready) {
+            let (h, f) = if ready {
+                layer.forward_host(x, pending.as_deref(), plan, c, self.config.hidden_size)
+            } else {
+                let f = pending.as_ref().map(|f| tensor_of(f, &size));
+                let (h, f) = layer.forward_split(&tensor_of(&x, &size), f.as_ref(), plan, c);
+                (host(h), host(f))
+            };
+            (x, pending) = (h, Some(f));
+        }
+        if let Some(f) = pending {
+            // The residual add as libtorch's in T (f32 sum, rounded).
+            for (v, a) in x.iter_mut().zip(&f) {
+                *v = T::put(v.get() + a.get());
+            }
+        }
+        tensor_of(&x, &size)
     }
 
     /// Final RMSNorm (last stage): the "final hidden state" that feeds lm_head and the MTP module.

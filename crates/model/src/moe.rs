@@ -7,6 +7,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::combine::Combine;
 use crate::error::Result;
+use crate::host_step::{self, HostAct};
 use crate::kernels;
 use crate::linear::{forward_weight, Weight};
 use crate::loader::LoadCtx;
@@ -171,6 +172,27 @@ impl ExpertShard {
         shared: Option<&Mlp>,
         then: &[&Weight],
     ) -> Option<Tensor> {
+        let x_ok =
+            x.device() == Device::Cpu && x.dim() == 2 && matches!(x.kind(), Kind::BFloat16 | Kind::Float);
+        if !x_ok {
+            return None;
+        }
+        let n = x.size()[0] as usize;
+        self.with_runs(n, d, (lo, hi), shared, |runs| {
+            kernels::routed_experts(x, runs, self.inter as usize, then)
+        })
+    }
+
+    /// `f` over the kernel's runs (see [`ExpertShard::kernel_runs`]) for `n` tokens: None (and `f`
+    /// not called) unless routing was decided on the host and every matrix is one the kernels read.
+    fn with_runs<R>(
+        &self,
+        n: usize,
+        d: &Dispatch,
+        (lo, hi): (usize, usize),
+        shared: Option<&Mlp>,
+        f: impl FnOnce(&[kernels::ExpertRows]) -> R,
+    ) -> Option<R> {
         let (token_of, weight) = d.host.as_ref()?;
         if self.device != Device::Cpu {
             return None;
@@ -183,7 +205,7 @@ impl ExpertShard {
                 (&token_of[a..b], &weight[a..b], gu.as_slice(), down)
             })
             .collect();
-        let n = if shared.is_some() { x.size()[0] } else { 0 };
+        let n = if shared.is_some() { n as i64 } else { 0 };
         let (all, ones): (Vec<i64>, Vec<f32>) = (0..n).map(|t| (t, 1.0)).unzip();
         if let Some(m) = shared {
             let (gu, down, inter) = m.as_expert();
@@ -192,8 +214,8 @@ impl ExpertShard {
             }
             runs.push((&all, &ones, gu, down));
         }
-        let ok = runs.iter().all(|(_, _, gu, down)| gu.iter().chain([*down]).all(|w| kernels::use_for(x, w)));
-        ok.then(|| kernels::routed_experts(x, &runs, self.inter as usize, then))
+        let ok = runs.iter().all(|(_, _, gu, down)| gu.iter().chain([*down]).all(kernels::weight_ok));
+        ok.then(|| f(&runs))
     }
 }
 
@@ -334,6 +356,36 @@ impl Moe {
             Some(m) => routed + m.forward(x),
             None => routed,
         }
+    }
+
+    /// Whether [`Moe::forward_host`] takes this layer: one shard on the CPU, a shared expert of
+    /// the routed experts' width, every matrix on the kernels.
+    pub(crate) fn host_ready(&self) -> bool {
+        let ([shard], Some(shared)) = (&self.shards[..], &self.shared) else { return false };
+        let (gu, down, inter) = shared.as_expert();
+        shard.device == Device::Cpu
+            && inter == shard.inter
+            && self.router.host_ready()
+            && gu.iter().chain([down]).all(kernels::weight_ok)
+            && shard.experts.iter().all(|(gu, down)| gu.iter().chain([down]).all(kernels::weight_ok))
+    }
+
+    /// [`Moe::forward_then`] on host rows `x [T, H]` (at most `FUSED_SHARED_MAX_ROWS`) for a layer
+    /// that is [`Moe::host_ready`]: the routed and shared experts in one kernel call.
+    pub(crate) fn forward_host<T: HostAct>(&self, x: &[T], hidden: usize, then: &[&Weight]) -> Vec<T> {
+        let d = {
+            let _p = profile::section("moe.route");
+            self.router.dispatch_host(x)
+        };
+        let _p = profile::section("moe.experts_shared");
+        let (shard, shared) = (&self.shards[0], self.shared.as_ref());
+        let (lo, hi) = (shard.first as usize, (shard.first + shard.num_experts()) as usize);
+        let n = x.len() / hidden;
+        shard
+            .with_runs(n, &d, (lo, hi), shared, |runs| {
+                host_step::routed_experts(x, hidden, runs, shard.inter as usize, then)
+            })
+            .expect("host_ready: routing on the host, matrices on the kernels")
     }
 
     /// Router decisions, for tests and diagnostics.

@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 
 use tch::{Device, Kind, Tensor};
 
+use crate::host_step::{self, HostAct};
 use crate::kernels;
 use crate::linear::Weight;
 
@@ -145,10 +146,24 @@ impl Router {
             };
         }
         // Read in place (contiguous f32 on the CPU): a view and a copy were cold libtorch calls.
-        let logits = self.logits(x);
+        self.dispatch_logits(kernels::elems(&self.logits(x), Kind::Float))
+    }
+
+    /// [`Router::dispatch`] on the CPU for host rows `x [N, H]` (the gate's exact fp32 product).
+    pub(crate) fn dispatch_host<T: HostAct>(&self, x: &[T]) -> Dispatch {
+        let w = Weight::Dense(self.weight.shallow_clone());
+        self.dispatch_logits(&host_step::products(&[(x, &w)]).pop().expect("one product"))
+    }
+
+    /// Whether [`Router::dispatch_host`] takes it: its gate on the kernels.
+    pub(crate) fn host_ready(&self) -> bool {
+        kernels::weight_ok(&Weight::Dense(self.weight.shallow_clone()))
+    }
+
+    /// The decisions for host gate logits `[N, E]`.
+    fn dispatch_logits(&self, logits: &[f32]) -> Dispatch {
         let bias = self.bias_host.get_or_init(|| Vec::try_from(&self.bias).expect("fp32 bias"));
-        let route = self.route_host(kernels::elems(&logits, Kind::Float), bias);
-        Dispatch::from_host(&route, self.n_experts as usize)
+        Dispatch::from_host(&self.route_host(logits, bias), self.n_experts as usize)
     }
 
     #[cfg(test)]

@@ -106,6 +106,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 "decode_steps": s.decode_steps,
                 "decode_tokens": s.decode_tokens,
                 "decode_tokens_per_sec": s.decode_tokens as f64 / s.decode_secs.max(1e-9),
+                // Decode steps run in both forms and found equal (MLASERVE_DECODE_STEP=check).
+                "checked_steps": mlaserve_model::checked_steps(),
             })
         );
     }
