@@ -239,13 +239,18 @@ impl Model {
         )
     }
 
-    fn check_ids(&self, ids: &[u32]) -> Result<Tensor> {
+    fn validate_ids(&self, ids: &[u32]) -> Result<()> {
         if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.config.vocab_size) {
             return Err(input_err(format!(
                 "token id {bad} is outside the vocabulary ({} tokens)",
                 self.config.vocab_size
             )));
         }
+        Ok(())
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<Tensor> {
+        self.validate_ids(ids)?;
         let ids: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
         Ok(Tensor::from_slice(&ids).to_device(self.device))
     }
@@ -256,6 +261,23 @@ impl Model {
             .embed
             .as_ref()
             .ok_or_else(|| input_err("this stage does not hold the embedding (layer 0)"))?;
+        if table.device() == Device::Cpu && table.is_contiguous() {
+            // The rows copied on the host: one fresh tensor, not an index tensor and a gather (the
+            // first libtorch calls of a decode step are its coldest).
+            self.validate_ids(ids)?;
+            let (hidden, elt) = (self.config.hidden_size, table.kind().elt_size_in_bytes());
+            let out = Tensor::empty([ids.len() as i64, hidden as i64], (table.kind(), Device::Cpu));
+            let row = hidden * elt;
+            // SAFETY: `table` is a contiguous CPU tensor of `[vocab, hidden]` (checked at load), ids
+            // are below vocab (checked above); `out` is fresh and contiguous, ids.len() such rows.
+            unsafe {
+                let (src, dst) = (table.data_ptr() as *const u8, out.data_ptr() as *mut u8);
+                for (i, &t) in ids.iter().enumerate() {
+                    std::ptr::copy_nonoverlapping(src.add(t as usize * row), dst.add(i * row), row);
+                }
+            }
+            return Ok(out);
+        }
         Ok(table.index_select(0, &self.check_ids(ids)?))
     }
 
@@ -335,8 +357,11 @@ impl Model {
     ) -> Tensor {
         use crate::host_step::tensor_of;
         let size = hidden.size();
-        let x = hidden.to_kind(T::KIND).contiguous();
-        let mut x: Vec<T> = T::of(&x).to_vec();
+        let mut x: Vec<T> = if hidden.kind() == T::KIND && hidden.is_contiguous() {
+            T::of(hidden).to_vec()
+        } else {
+            T::of(&hidden.to_kind(T::KIND).contiguous()).to_vec()
+        };
         let mut pending: Option<Vec<T>> = None;
         let host = |t: Tensor| T::of(&t.contiguous()).to_vec();
         for ((layer, c), &ready) in self.layers.iter().zip(cache.layers.iter_mut()).zip(ready) {
