@@ -125,8 +125,7 @@ pub(crate) fn swiglu<T: HostAct>(gu: &[T], inter: usize) -> Vec<T> {
     let n = gu.len() / (2 * inter);
     let mut out = vec![T::default(); n * inter];
     let mut act = vec![0f32; inter];
-    for (g, o) in gu.chunks_exact(2 * inter).zip(out.chunks_exact_mut(inter)) {
-        let row = T::widen(g);
+    for (row, o) in T::widen(gu).chunks_exact(2 * inter).zip(out.chunks_exact_mut(inter)) {
         T::swiglu_row(&row[..inter], &row[inter..], &mut act, o);
     }
     out

@@ -24,13 +24,6 @@ pub(crate) fn elems<T>(t: &Tensor, kind: Kind) -> &[T] {
     unsafe { std::slice::from_raw_parts(t.data_ptr() as *const T, t.numel()) }
 }
 
-/// bf16 bits widened to f32 (vectorised, `rows::widen_bf16`).
-fn widened(bits: &[u16]) -> Vec<f32> {
-    let mut v = vec![0f32; bits.len()];
-    rows::widen_bf16(bits, &mut v);
-    v
-}
-
 /// A fresh bf16 CPU tensor of `size` holding `values` rounded to nearest even.
 pub(crate) fn bf16_tensor(values: &[f32], size: &[i64]) -> Tensor {
     let t = Tensor::empty(size, (Kind::BFloat16, Device::Cpu));
@@ -165,7 +158,7 @@ fn run_into(xs: &[Tensor], pairs: &[(&Tensor, &Weight)], views: &mut [&mut [f32]
     // vectorised conversion beats this loop (~1-2 ns an element) on a prefill chunk.
     let here = |t: &Tensor| t.kind() == Kind::BFloat16 && t.numel() <= HOST_CONVERT_MAX;
     let widened: Vec<Option<Vec<f32>>> =
-        xs.iter().map(|x| here(x).then(|| widened(elems::<u16>(x, Kind::BFloat16)))).collect();
+        xs.iter().map(|x| here(x).then(|| u16::widen(u16::of(x)).into_owned())).collect();
     let f32s: Vec<Option<Tensor>> =
         xs.iter().map(|x| (!here(x)).then(|| x.to_kind(Kind::Float).contiguous())).collect();
     let problems: Vec<Problem> = xs

@@ -179,19 +179,21 @@ impl ExpertShard {
         }
         let n = x.size()[0] as usize;
         self.with_runs(n, d, (lo, hi), shared, |runs| {
-            kernels::routed_experts(x, runs, self.inter as usize, then)
+            let ok = runs.iter().all(|(_, _, gu, down)| gu.iter().chain([*down]).all(kernels::weight_ok));
+            ok.then(|| kernels::routed_experts(x, runs, self.inter as usize, then))
         })
     }
 
     /// `f` over the kernel's runs (see [`ExpertShard::kernel_runs`]) for `n` tokens: None (and `f`
-    /// not called) unless routing was decided on the host and every matrix is one the kernels read.
+    /// not called) unless routing was decided on the host; `f` says whether the kernels read the
+    /// runs' matrices (the host step knows they do: `Moe::host_ready`, decided once).
     fn with_runs<R>(
         &self,
         n: usize,
         d: &Dispatch,
         (lo, hi): (usize, usize),
         shared: Option<&Mlp>,
-        f: impl FnOnce(&[kernels::ExpertRows]) -> R,
+        f: impl FnOnce(&[kernels::ExpertRows]) -> Option<R>,
     ) -> Option<R> {
         let (token_of, weight) = d.host.as_ref()?;
         if self.device != Device::Cpu {
@@ -214,8 +216,7 @@ impl ExpertShard {
             }
             runs.push((&all, &ones, gu, down));
         }
-        let ok = runs.iter().all(|(_, _, gu, down)| gu.iter().chain([*down]).all(kernels::weight_ok));
-        ok.then(|| f(&runs))
+        f(&runs)
     }
 }
 
@@ -383,7 +384,7 @@ impl Moe {
         let n = x.len() / hidden;
         shard
             .with_runs(n, &d, (lo, hi), shared, |runs| {
-                host_step::routed_experts(x, hidden, runs, shard.inter as usize, then)
+                Some(host_step::routed_experts(x, hidden, runs, shard.inter as usize, then))
             })
             .expect("host_ready: routing on the host, matrices on the kernels")
     }
