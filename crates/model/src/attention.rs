@@ -21,6 +21,7 @@ use crate::mla_kernels;
 use crate::norm::RmsNorm;
 use crate::profile;
 use crate::rope::{self, permute_rope_rows, rope_row_permutation};
+use crate::torch_bf16;
 
 enum QProj {
     Lora { a: Linear, norm: RmsNorm, b: Linear },
@@ -547,22 +548,23 @@ impl Mla {
         // Products in `kind` round their outputs as `round_to(.., act)` of the f32 form does.
         let k_nope = match &self.w_uk {
             Some(w) => forward_weight(&c, w).view([tc, h, dn]),
-            None => c.matmul(&self.w_uk_t.dense(kind)).permute([1, 0, 2]),
+            None => torch_bf16::product(&c, &self.w_uk_t.dense(kind), |a, b| a.matmul(b)).permute([1, 0, 2]),
         };
         let k_pe = lat.narrow(1, rkv, dr).unsqueeze(1).expand([tc, h, dr], false);
         let keys = Tensor::cat(&[k_nope, k_pe], 2).transpose(0, 1).contiguous(); // [h, tc, dn+dr]
         let vt = forward_weight(&c, &self.w_uv.w).view([tc, h, dv]).permute([1, 2, 0]).contiguous(); // [h, dv, tc]
         let q = Tensor::cat(&[q_nope, q_pe], 2).to_kind(kind).transpose(0, 1).contiguous(); // [h, n, dn+dr]
 
-        // `a[i] · b[i]ᵀ` for each head i, f32 `[h, m, n]`. bf16: libtorch's bf16 `bmm` (oneDNN),
-        // whose output rounding is the f32 form's `round_to`: measured 2-3x the kernels on these
-        // shapes, whose reduction (dn + dr = 192 for scores) is too short for the kernels' tiles.
-        // f32: the kernels, exact.
+        // `a[i] · b[i]ᵀ` for each head i, f32 `[h, m, n]`. bf16: libtorch's bf16 `bmm`, whose
+        // output rounding is the f32 form's `round_to` (oneDNN measured 2-3x the kernels on these
+        // shapes on Zen 4, whose reduction, dn + dr = 192 for scores, is too short for the
+        // kernels' tiles; without oneDNN's bf16, MKL's sgemm: see `torch_bf16`). f32: the
+        // kernels, exact.
         let per_head = |a: &Tensor, b: &Tensor| -> Tensor {
             if kind == Kind::BFloat16 {
                 // The kernels' helpers park rather than spin beside libtorch's threads.
                 kernels::pool::global().rest();
-                return a.bmm(&b.transpose(1, 2)).to_kind(Kind::Float);
+                return torch_bf16::product(a, b, |a, b| a.bmm(&b.transpose(1, 2))).to_kind(Kind::Float);
             }
             let heads: Vec<(Tensor, Weight)> = (0..h).map(|i| (a.get(i), Weight::Dense(b.get(i)))).collect();
             let pairs: Vec<(&Tensor, &Weight)> = heads.iter().map(|(x, w)| (x, w)).collect();

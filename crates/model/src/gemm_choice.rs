@@ -138,7 +138,7 @@ pub fn linear(x: &Tensor, w: &Weight, kernels: impl FnOnce() -> Tensor) -> Tenso
         // The kernels' helpers park rather than spin beside libtorch's threads on the same cores.
         crate::kernels::pool::global().rest();
         let _threads = LibtorchThreads::widen(true);
-        x.mm(&wt.tr())
+        crate::torch_bf16::product(x, wt, |x, w| x.mm(&w.tr()))
     };
     if let Some(e) = forced() {
         return match e {

@@ -36,6 +36,7 @@ pub mod rope;
 pub mod routing;
 pub mod sampling;
 pub mod speculative;
+pub mod torch_bf16;
 pub mod weights;
 
 pub use batch::{SeqStep, StepPlan};
