@@ -8,7 +8,8 @@
 //! calls of each shape (rows bucketed by powers of two) alternate between the two, timed, and
 //! the faster by median then runs every later call of that shape. Only bf16 activations against
 //! dense bf16 weights take part: there both compute the same rounded products (f32 accumulation,
-//! one rounding of the output to bf16), and the f32 path stays on the kernels, exact.
+//! one rounding of the output to bf16), and the f32 path stays on the kernels, exact. Where
+//! libtorch has no oneDNN bf16 GEMM its arm is MKL's sgemm on widened operands (`torch_bf16`).
 //!
 //! `MLASERVE_PREFILL_GEMM` = `auto` (default), `kernels` or `libtorch` forces one for tests and
 //! benchmarks.
