@@ -30,6 +30,34 @@ pub fn to_f32(b: u8) -> f32 {
     undershot(b) * F16_UNDERSHOOT
 }
 
+/// 2¹¹²: lifts e4m3 placed in f32 bits (value · 2⁻¹²⁰) to [`undershot`]'s value · 2⁻⁸ exactly
+/// (f32 subnormals included), the route of the paths without an f16 converter.
+pub(crate) const LIFT: f32 = f32::from_bits((112 + 127) << 23);
+
+/// [`undershot`] by integer placement and one multiply: plain arithmetic the compiler vectorises
+/// on every target, where the f16 conversion of [`undershot`] is a scalar routine without F16C.
+#[inline(always)]
+pub(crate) fn lifted(b: u8) -> f32 {
+    let b = b as u32;
+    f32::from_bits((b & 0x80) << 24 | (b & 0x7F) << 20) * LIFT
+}
+
+/// Rows `n0..n1` of block-scaled FP8 weights `[N, k]` as f32 values with their block scales
+/// applied, row-major into `out[..(n1 - n0) · k]`.
+pub(crate) fn widen_rows(f: &crate::Fp8, k: usize, n0: usize, n1: usize, out: &mut [f32]) {
+    let kblocks = k.div_ceil(f.block_k);
+    for (n, dst) in (n0..n1).zip(out.chunks_exact_mut(k)) {
+        let scales = &f.scale[n / f.block_n * kblocks..][..kblocks];
+        let src = &f.q[n * k..(n + 1) * k];
+        for ((s, d), &scale) in src.chunks(f.block_k).zip(dst.chunks_mut(f.block_k)).zip(scales) {
+            let scale = scale * F16_UNDERSHOOT;
+            for (&b, o) in s.iter().zip(d) {
+                *o = lifted(b) * scale;
+            }
+        }
+    }
+}
+
 /// bf16 bits of [`undershot`] for every e4m3 magnitude (the byte's low 7 bits), high bytes and low
 /// bytes apart: the two 128-entry tables of the AVX-512 VBMI byte lookup (`vpermi2b`). Every value
 /// is a normal bf16 (the smallest, 2⁻¹⁷, is far above bf16's 2⁻¹²⁶), so `vdpbf16ps`, which treats
@@ -96,6 +124,30 @@ mod tests {
         assert_eq!(to_f32(0x7E), 448.0);
         assert_eq!(to_f32(0x01), 2f32.powi(-9));
         assert_eq!(to_f32(0x80), -0.0);
+    }
+
+    #[test]
+    fn lifted_reads_what_the_f16_route_reads() {
+        for b in 0..=255u8 {
+            assert_eq!(lifted(b).to_bits(), undershot(b).to_bits(), "code {b:#x}");
+        }
+    }
+
+    /// Each row's values times its own block's scale, partial edge blocks included.
+    #[test]
+    fn widened_rows_carry_their_block_scales() {
+        let (n, k, bn, bk) = (5usize, 7usize, 2usize, 3usize);
+        let q: Vec<u8> = (0..n * k).map(|i| (i * 37 + 11) as u8 & 0x7E).collect();
+        let scale: Vec<f32> = (0..n.div_ceil(bn) * k.div_ceil(bk)).map(|i| 0.5 + i as f32).collect();
+        let f = crate::Fp8 { q: &q, scale: &scale, block_n: bn, block_k: bk };
+        let mut out = vec![f32::NAN; 3 * k];
+        widen_rows(&f, k, 1, 4, &mut out);
+        for r in 0..3 {
+            for c in 0..k {
+                let s = scale[(1 + r) / bn * k.div_ceil(bk) + c / bk];
+                assert_eq!(out[r * k + c], to_f32(q[(1 + r) * k + c]) * s, "row {} col {c}", 1 + r);
+            }
+        }
     }
 
     #[test]

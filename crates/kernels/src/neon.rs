@@ -56,10 +56,6 @@ impl Fmt for Bf16 {
     }
 }
 
-/// 2¹¹²: lifts e4m3 placed in f32 bits (value · 2⁻¹²⁰) to the f16 route's value · 2⁻⁸, which the
-/// block scales of [`RowScales`] and the scalar tails of [`weight`] expect.
-const FP8_LIFT: f32 = f32::from_bits((112 + 127) << 23);
-
 impl Fp8 {
     /// Sign-extended e4m3 codes (i32 lanes) → f32 with the value · 2⁻⁸.
     ///
@@ -70,7 +66,7 @@ impl Fp8 {
     #[inline(always)]
     unsafe fn place(v: int32x4_t) -> float32x4_t {
         let bits = vandq_s32(vshlq_n_s32::<20>(v), vdupq_n_s32(0x87F0_0000u32 as i32));
-        vmulq_n_f32(vreinterpretq_f32_s32(bits), FP8_LIFT)
+        vmulq_n_f32(vreinterpretq_f32_s32(bits), crate::fp8::LIFT)
     }
 }
 
