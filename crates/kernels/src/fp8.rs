@@ -44,7 +44,7 @@ pub(crate) fn lifted(b: u8) -> f32 {
 
 /// Rows `n0..n1` of block-scaled FP8 weights `[N, k]` as f32 values with their block scales
 /// applied, row-major into `out[..(n1 - n0) · k]`.
-pub(crate) fn widen_rows(f: &crate::Fp8, k: usize, n0: usize, n1: usize, out: &mut [f32]) {
+pub fn widen_rows(f: &crate::Fp8, k: usize, n0: usize, n1: usize, out: &mut [f32]) {
     let kblocks = k.div_ceil(f.block_k);
     for (n, dst) in (n0..n1).zip(out.chunks_exact_mut(k)) {
         let scales = &f.scale[n / f.block_n * kblocks..][..kblocks];

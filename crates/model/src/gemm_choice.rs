@@ -7,9 +7,11 @@
 //! assume) and slower on others. Which one is faster is measured rather than guessed: the first
 //! calls of each shape (rows bucketed by powers of two) alternate between the two, timed, and
 //! the faster by median then runs every later call of that shape. Only bf16 activations against
-//! dense bf16 weights take part: there both compute the same rounded products (f32 accumulation,
-//! one rounding of the output to bf16), and the f32 path stays on the kernels, exact. Where
-//! libtorch has no oneDNN bf16 GEMM its arm is MKL's sgemm on widened operands (`torch_bf16`).
+//! bf16 or FP8 weights on the CPU take part: there both compute the same rounded products (f32
+//! accumulation, one rounding of the output to bf16), and the f32 path stays on the kernels,
+//! exact. Where libtorch has no oneDNN bf16 GEMM its arm is MKL's sgemm on widened operands
+//! (`torch_bf16`). An FP8 weight's libtorch arm dequantises it to f32 per call (the values the
+//! kernels multiply, `w · scale`) for MKL's sgemm: N·K conversions beside ≥ 64·N·K products.
 //!
 //! `MLASERVE_PREFILL_GEMM` = `auto` (default), `kernels` or `libtorch` forces one for tests and
 //! benchmarks.
@@ -90,17 +92,19 @@ fn median(v: &[f64]) -> f64 {
     s[s.len() / 2]
 }
 
-/// Shape key: rows bucketed to the next power of two, then the weight's `[out, in]`.
+/// Shape key: rows bucketed to the next power of two, then the weight's `[out, in]` and whether it
+/// is FP8 (the two formats cost the engines differently).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Shape {
     pub rows_bucket: i64,
     pub n: i64,
     pub k: i64,
+    pub fp8: bool,
 }
 
 impl Shape {
-    pub fn new(m: i64, n: i64, k: i64) -> Shape {
-        Shape { rows_bucket: (m.max(1) as u64).next_power_of_two() as i64, n, k }
+    pub fn new(m: i64, n: i64, k: i64, fp8: bool) -> Shape {
+        Shape { rows_bucket: (m.max(1) as u64).next_power_of_two() as i64, n, k, fp8 }
     }
 }
 
@@ -122,10 +126,21 @@ fn table() -> &'static Mutex<HashMap<Shape, Trials>> {
     TABLE.get_or_init(Default::default)
 }
 
-/// Whether `x · wᵀ` is a candidate: bf16 rows, at least [`MIN_ROWS`] of them, dense bf16 weight,
-/// all on the CPU (the caller has checked that the kernels take it).
+/// The largest f32 copy of an FP8 weight that libtorch's arm makes per call: a transient
+/// allocation beside the step's own, kept small (DeepSeek-V3's largest dense weight would be
+/// 528 MB). Larger FP8 weights stay on the kernels.
+const FP8_COPY_MAX_BYTES: i64 = 64 << 20;
+
+/// Whether `x · wᵀ` is a candidate: bf16 rows, at least [`MIN_ROWS`] of them, a dense bf16 or an
+/// FP8 weight (of at most [`FP8_COPY_MAX_BYTES`] as f32), all on the CPU (the caller has checked
+/// that the kernels take it).
 pub fn candidate(x: &Tensor, w: &Weight) -> bool {
-    matches!(w, Weight::Dense(t) if t.kind() == Kind::BFloat16 && t.device() == Device::Cpu)
+    let format = match w {
+        Weight::Dense(t) => t.kind() == Kind::BFloat16,
+        Weight::Fp8 { .. } => w.size().iter().product::<i64>() * 4 <= FP8_COPY_MAX_BYTES,
+    };
+    format
+        && w.device() == Device::Cpu
         && x.kind() == Kind::BFloat16
         && x.dim() == 2
         && x.size()[0] >= MIN_ROWS
@@ -134,12 +149,14 @@ pub fn candidate(x: &Tensor, w: &Weight) -> bool {
 /// `x · wᵀ` for a [`candidate`], by the engine chosen for its shape; `kernels` computes it on the
 /// kernels.
 pub fn linear(x: &Tensor, w: &Weight, kernels: impl FnOnce() -> Tensor) -> Tensor {
-    let Weight::Dense(wt) = w else { unreachable!("candidates are dense") };
     let libtorch = || {
         // The kernels' helpers park rather than spin beside libtorch's threads on the same cores.
         crate::kernels::pool::global().rest();
         let _threads = LibtorchThreads::widen(true);
-        crate::torch_bf16::product(x, wt, |x, w| x.mm(&w.tr()))
+        match w {
+            Weight::Dense(wt) => crate::torch_bf16::product(x, wt, |x, w| x.mm(&w.tr())),
+            fp8 => x.to_kind(Kind::Float).mm(&crate::kernels::fp8_as_f32(fp8).tr()).to_kind(Kind::BFloat16),
+        }
     };
     if let Some(e) = forced() {
         return match e {
@@ -147,8 +164,8 @@ pub fn linear(x: &Tensor, w: &Weight, kernels: impl FnOnce() -> Tensor) -> Tenso
             Engine::Libtorch => libtorch(),
         };
     }
-    let size = wt.size();
-    let shape = Shape::new(x.size()[0], size[0], size[1]);
+    let size = w.size();
+    let shape = Shape::new(x.size()[0], size[0], size[1], matches!(w, Weight::Fp8 { .. }));
     let engine = table().lock().unwrap_or_else(|e| e.into_inner()).entry(shape).or_default().next();
     let t = Instant::now();
     let y = match engine {
@@ -163,6 +180,7 @@ pub fn linear(x: &Tensor, w: &Weight, kernels: impl FnOnce() -> Tensor) -> Tenso
             rows = shape.rows_bucket,
             n = shape.n,
             k = shape.k,
+            fp8 = shape.fp8,
             kernels_us = median(&trials.kernels) * 1e6,
             libtorch_us = median(&trials.libtorch) * 1e6,
             choice = choice.name(),
@@ -234,10 +252,11 @@ mod tests {
 
     #[test]
     fn shapes_bucket_rows_by_powers_of_two() {
-        assert_eq!(Shape::new(64, 8, 4), Shape::new(64, 8, 4));
-        assert_eq!(Shape::new(65, 8, 4).rows_bucket, 128);
-        assert_eq!(Shape::new(128, 8, 4).rows_bucket, 128);
-        assert_ne!(Shape::new(512, 8, 4), Shape::new(512, 8, 5));
+        assert_eq!(Shape::new(64, 8, 4, false), Shape::new(64, 8, 4, false));
+        assert_eq!(Shape::new(65, 8, 4, false).rows_bucket, 128);
+        assert_eq!(Shape::new(128, 8, 4, false).rows_bucket, 128);
+        assert_ne!(Shape::new(512, 8, 4, false), Shape::new(512, 8, 5, false));
+        assert_ne!(Shape::new(512, 8, 4, false), Shape::new(512, 8, 4, true));
     }
 
     #[test]
@@ -253,8 +272,32 @@ mod tests {
             let scale = reference.abs().max().double_value(&[]);
             assert!(err <= scale * 1e-2, "bf16 product off by {err} (scale {scale})");
         }
-        let shape = Shape::new(96, 48, 64);
+        let shape = Shape::new(96, 48, 64, false);
         assert!(decisions().iter().any(|(s, ..)| *s == shape) || forced().is_some());
+        // FP8 weights take part, each format under its own shape key.
+        let q = Tensor::randn([48, 64], (Kind::Float, Device::Cpu)).to_kind(Kind::Float8e4m3fn);
+        let w8 =
+            Weight::Fp8 { q, scale: Tensor::rand([3, 2], (Kind::Float, Device::Cpu)) + 0.5, block: (16, 32) };
+        assert!(candidate(&x, &w8));
+        let reference = x.to_kind(Kind::Double).mm(&w8.to_dense(Kind::Double).tr());
+        for _ in 0..2 * TRIALS + 2 {
+            let y = linear(&x, &w8, || crate::kernels::grouped_linear(&[(&x, &w8)]).pop().expect("one"));
+            assert_eq!(y.kind(), Kind::BFloat16);
+            let err = (y.to_kind(Kind::Double) - &reference).abs().max().double_value(&[]);
+            let scale = reference.abs().max().double_value(&[]);
+            assert!(err <= scale * 1e-2, "FP8 product off by {err} (scale {scale})");
+        }
+        let fp8_shape = Shape::new(96, 48, 64, true);
+        assert!(decisions().iter().any(|(s, ..)| *s == fp8_shape) || forced().is_some());
+        let big = Weight::Fp8 {
+            q: Tensor::zeros([4096, 4097], (Kind::Float8e4m3fn, Device::Cpu)),
+            scale: Tensor::ones([32, 33], (Kind::Float, Device::Cpu)),
+            block: (128, 128),
+        };
+        assert!(
+            !candidate(&Tensor::zeros([64, 4097], (Kind::BFloat16, Device::Cpu)), &big),
+            "f32 copy > 64 MiB"
+        );
         // f32 rows and small batches are not candidates.
         assert!(!candidate(&x.to_kind(Kind::Float), &w));
         assert!(!candidate(&x.narrow(0, 0, MIN_ROWS - 1), &w));

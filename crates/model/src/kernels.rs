@@ -94,6 +94,17 @@ pub(crate) fn weights_of(w: &Weight) -> Weights<'_> {
     }
 }
 
+/// An FP8 weight dequantised to a fresh f32 `[out, in]` tensor: the values the kernels multiply
+/// (block scale applied in f32), for libtorch's f32 GEMM.
+pub(crate) fn fp8_as_f32(w: &Weight) -> Tensor {
+    let Weights::Fp8(f) = weights_of(w) else { panic!("not an FP8 weight") };
+    let size = w.size();
+    let (n, k) = (size[0] as usize, size[1] as usize);
+    let mut out = Tensor::empty([n as i64, k as i64], (Kind::Float, Device::Cpu));
+    mlaserve_kernels::fp8::widen_rows(&f, k, 0, n, elems_mut(&mut out, Kind::Float));
+    out
+}
+
 /// Several independent `x_i · w_iᵀ` in one parallel region (each pair passes [`use_for`]).
 pub fn grouped_linear(pairs: &[(&Tensor, &Weight)]) -> Vec<Tensor> {
     let xs: Vec<Tensor> = pairs.iter().map(|(x, _)| x.contiguous()).collect();
@@ -457,6 +468,16 @@ mod tests {
         let grid = [(n as usize).div_ceil(block.0) as i64, (k as usize).div_ceil(block.1) as i64];
         let scale = Tensor::rand(grid, (Kind::Float, Device::Cpu)) * 0.01 + 0.001;
         Weight::Fp8 { q: w.to_kind(Kind::Float8e4m3fn), scale, block }
+    }
+
+    /// The kernels' dequantisation is libtorch's of the same weight, bitwise (partial edge blocks).
+    #[test]
+    fn fp8_as_f32_is_the_dense_weight() {
+        tch::manual_seed(3);
+        let w = fp8_weight(40, 70, (16, 32));
+        let got = fp8_as_f32(&w);
+        assert_eq!(got.size(), [40, 70]);
+        assert!(got.equal(&w.to_dense(Kind::Float)), "dequantised values differ");
     }
 
     /// Latents written by the row kernels equal the tensor form's norm, rope, cat and index_copy,

@@ -94,10 +94,11 @@ pub fn report() -> Option<String> {
     }
     for (s, k_us, l_us, e) in crate::gemm_choice::decisions() {
         out.push_str(&format!(
-            "prefill gemm rows<={} n={} k={}: kernels {k_us:.0} us, libtorch {l_us:.0} us -> {}\n",
+            "prefill gemm rows<={} n={} k={}{}: kernels {k_us:.0} us, libtorch {l_us:.0} us -> {}\n",
             s.rows_bucket,
             s.n,
             s.k,
+            if s.fp8 { " fp8" } else { "" },
             e.name()
         ));
     }
