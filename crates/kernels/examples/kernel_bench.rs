@@ -1,7 +1,8 @@
 //! `cargo run --release -p mlaserve-kernels --example kernel_bench -- M N K [THREADS]`: time of one
 //! `[M, K] x [N, K]ᵀ` product per kernel path and weight format, with the weights cycled through
 //! copies larger than the last-level cache (decode reads its weights from memory), beside a plain
-//! read of the same bytes on the same pool, the two alternating.
+//! read of the same bytes on the same pool, the two alternating. `MLASERVE_KERNEL=avx2` (say) times
+//! one path only.
 use std::time::Instant;
 
 use mlaserve_kernels::{bf16_bits, grouped_gemm_into_with, isa, pool, replay, Fp8, Problem, Weights};
@@ -25,7 +26,9 @@ fn main() {
         (0..copies).map(|c| (0..n * k).map(|i| ((i * 7 + c) % 120) as u8).collect()).collect();
     let scale = vec![0.01f32; n.div_ceil(128) * k.div_ceil(128)];
     let mut out = vec![0f32; m * n];
-    for isa in isa::ALL.into_iter().filter(|i| i.supported()) {
+    // `MLASERVE_KERNEL=<path>` times that path alone.
+    let only = std::env::var(isa::ENV).ok().and_then(|v| isa::Isa::parse(&v));
+    for isa in isa::ALL.into_iter().filter(|i| i.supported() && only.is_none_or(|o| o == *i)) {
         for (name, bytes) in [("f32", 4), ("bf16", 2), ("fp8", 1)] {
             for with_xb in [false, true] {
                 if with_xb && name == "f32" {

@@ -119,56 +119,100 @@ unsafe fn tile<F: Fmt, const R: usize, const C: usize>(c: &Cols, w: *const F::E,
 
 /// How far ahead (bytes) a streamed weight row is prefetched (as on the AVX-512 path).
 const PF: usize = 4096;
-/// How far ahead the row also prefetches into L2 only: more of the stream in flight than L1's
-/// miss buffers hold. On Zen 3 (one-process A/B, 600 batch-1 steps): 1.04-1.05× with it at
-/// 16 KiB, 1.03-1.04× at 32, 1.02-1.03× at 8; instead of the L1 prefetch 1.02-1.03×; FP8 even
-/// (1.00). The same far prefetch in the tiles (batched decode) was 14% slower.
+/// How far ahead a lone row ([`row`] with `S = 1`) also prefetches into L2 only: more of the
+/// stream in flight than L1's miss buffers hold. On Zen 3 (one-process A/B, 600 batch-1 steps):
+/// 1.04-1.05× with it at 16 KiB, 1.03-1.04× at 32, 1.02-1.03× at 8. The same far prefetch in the
+/// tiles (batched decode) was 14% slower.
 const PF_FAR: usize = 16384;
 
-/// One weight row against one input row, four accumulators deep with the row prefetched ahead:
-/// decode's product, one long sequential read per task (the 4-row tile keeps four FMA chains
-/// one deep and reads at ~13 GB/s for FP8 on Zen 4; this reads at memory speed).
+/// `S` weight rows (1 or 2) against one input row, four accumulators deep per row, each row
+/// prefetched ahead: decode's product, `S` long sequential reads per task.
+///
+/// Two rows share each activation load and keep two streams in flight ([`sweep_rows`] pairs the
+/// two halves of a task's run). One row at a time, this loop is close to bound by its own
+/// instructions on Zen 3: from cache (64 rows, 1 thread) it read at 23.4 GB/s against a plain
+/// read's 40, so a memory-bound product could not overlap its arithmetic with the stream
+/// (1×32768×1024 bf16, `kernel_bench`: 1.58× a plain read of its bytes on 1 thread, 1.29× on 2).
+/// Two rows at once (L1 prefetch only): 1.15× and 1.03×. On Zen 5 (`MLASERVE_KERNEL=avx2`) the
+/// one-row loop already reads at memory speed; there the pairs measured 0.95-1.00 over 600
+/// batch-1 steps in one process (the VM's A/B noise was ±4% that hour), with the L2 prefetch on
+/// both streams 0.94-0.97.
 #[inline(always)]
-unsafe fn row<F: Fmt>(c: &Cols, w: *const F::E, n: usize, m: usize) {
+unsafe fn row<F: Fmt, const S: usize>(c: &Cols, w: *const F::E, ns: [usize; S], m: usize) {
     let p = c.p;
     let k = p.k;
     let bk = block_k(p);
     let x = p.x.as_ptr().add(m * k);
-    let w = w.add(n * k);
-    let rs = RowScales::new(p, n);
-    let mut total = 0f32;
+    let ws = ns.map(|n| w.add(n * k));
+    let rs = ns.map(|n| RowScales::new(p, n));
+    let mut total = [0f32; S];
     let (mut k0, mut kb) = (0, 0);
     while k0 < k {
         let k1 = (k0 + bk).min(k);
-        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut acc = [[_mm256_setzero_ps(); 4]; S];
         let mut kk = k0;
         while kk + 32 <= k1 {
-            _mm_prefetch::<_MM_HINT_T0>((w.add(kk) as *const i8).add(PF));
-            _mm_prefetch::<_MM_HINT_T1>((w.add(kk) as *const i8).add(PF_FAR));
+            for w in ws {
+                _mm_prefetch::<_MM_HINT_T0>((w.add(kk) as *const i8).add(PF));
+                if S == 1 {
+                    _mm_prefetch::<_MM_HINT_T1>((w.add(kk) as *const i8).add(PF_FAR));
+                }
+            }
             for u in [0, 2] {
                 let o = kk + 8 * u;
-                let (w0, w1) = F::load2(w.add(o));
-                acc[u] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x.add(o)), acc[u]);
-                acc[u + 1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x.add(o + 8)), acc[u + 1]);
+                let (x0, x1) = (_mm256_loadu_ps(x.add(o)), _mm256_loadu_ps(x.add(o + 8)));
+                for (a, w) in acc.iter_mut().zip(ws) {
+                    let (w0, w1) = F::load2(w.add(o));
+                    a[u] = _mm256_fmadd_ps(w0, x0, a[u]);
+                    a[u + 1] = _mm256_fmadd_ps(w1, x1, a[u + 1]);
+                }
             }
             kk += 32;
         }
         while kk + 8 <= k1 {
-            acc[0] = _mm256_fmadd_ps(F::load(w.add(kk)), _mm256_loadu_ps(x.add(kk)), acc[0]);
+            let xv = _mm256_loadu_ps(x.add(kk));
+            for (a, w) in acc.iter_mut().zip(ws) {
+                a[0] = _mm256_fmadd_ps(F::load(w.add(kk)), xv, a[0]);
+            }
             kk += 8;
         }
-        let mut s = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-        for q in kk..k1 {
-            s += *x.add(q) * weight(&p.w, n * k + q);
+        for s in 0..S {
+            let a = &acc[s];
+            let mut v = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+            for q in kk..k1 {
+                v += *x.add(q) * weight(&p.w, ns[s] * k + q);
+            }
+            total[s] += match rs[s].at(kb) {
+                Some(f) => v * f,
+                None => v,
+            };
         }
-        total += match rs.at(kb) {
-            Some(f) => s * f,
-            None => s,
-        };
         k0 = k1;
         kb += 1;
     }
-    *c.out.add(m * p.n + n) = total;
+    for (n, t) in ns.into_iter().zip(total) {
+        *c.out.add(m * p.n + n) = t;
+    }
+}
+
+/// Decode's order for two weight streams at once: row `i` of the run's first half beside row `i`
+/// of its second half (two distant sequential reads), then the odd row alone.
+#[inline(always)]
+fn stream_pairs(n0: usize, n1: usize) -> (impl Iterator<Item = [usize; 2]>, Option<usize>) {
+    let h = (n1 - n0) / 2;
+    ((0..h).map(move |i| [n0 + i, n0 + h + i]), ((n1 - n0) % 2 == 1).then_some(n1 - 1))
+}
+
+/// One input row over the task's columns: two rows at a time ([`row`]).
+#[inline(always)]
+unsafe fn sweep_rows<F: Fmt>(c: &Cols, w: *const F::E, m: usize) {
+    let (pairs, odd) = stream_pairs(c.n0, c.n1);
+    for ns in pairs {
+        row::<F, 2>(c, w, ns, m);
+    }
+    if let Some(n) = odd {
+        row::<F, 1>(c, w, [n], m);
+    }
 }
 
 four_by_three_sweep!();
@@ -182,5 +226,24 @@ pub(crate) unsafe fn columns(c: &Cols, m0: usize, m1: usize) {
         Weights::F32(w) => sweep::<F32>(c, w.as_ptr(), m0, m1),
         Weights::Bf16(w) => sweep::<Bf16>(c, w.as_ptr(), m0, m1),
         Weights::Fp8(f) => sweep::<Fp8>(c, f.q.as_ptr(), m0, m1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stream_pairs;
+
+    /// Every row of the run once: pairs `h` apart, the odd row last.
+    #[test]
+    fn stream_pairs_cover_the_run_once() {
+        for (n0, n1) in [(0, 0), (3, 4), (0, 7), (10, 20), (5, 38)] {
+            let (pairs, odd) = stream_pairs(n0, n1);
+            let pairs: Vec<[usize; 2]> = pairs.collect();
+            assert!(pairs.iter().all(|[a, b]| b - a == (n1 - n0) / 2));
+            let mut all: Vec<usize> = pairs.iter().flatten().copied().chain(odd).collect();
+            all.sort();
+            assert_eq!(all, (n0..n1).collect::<Vec<_>>());
+            assert_eq!(odd.is_some(), (n1 - n0) % 2 == 1);
+        }
     }
 }

@@ -22,17 +22,16 @@ pub mod pool;
 pub mod replay;
 pub mod rows;
 
-/// The sweep of the AVX-512, AVX2 and NEON paths over a task's columns: one input row streams each weight
-/// row (`row`); several use `tile`s of 4 weight rows × up to 3 input rows. Expands to
-/// `sweep::<F>` calling the invoking module's own `row` and `tile` (same loops, other registers).
+/// The sweep of the AVX-512, AVX2 and NEON paths over a task's columns: one input row streams the
+/// weight rows (`sweep_rows`); several use `tile`s of 4 weight rows × up to 3 input rows. Expands to
+/// `sweep::<F>` calling the invoking module's own `sweep_rows` and `tile` (same loops, other
+/// registers).
 macro_rules! four_by_three_sweep {
     () => {
         #[inline(always)]
         unsafe fn sweep<F: Fmt>(c: &Cols, w: *const F::E, m0: usize, m1: usize) {
             if m1 - m0 == 1 {
-                for n in c.n0..c.n1 {
-                    row::<F>(c, w, n, m0);
-                }
+                sweep_rows::<F>(c, w, m0);
                 return;
             }
             let mut n = c.n0;
