@@ -23,8 +23,11 @@ FLAGS = ["avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "av
          "amx_int8", "asimd", "sve", "bf16"]
 
 
-def cpu():
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+def cpu(info=None):
+    """Model (with family/model ids), CPU count, L3 size and the kernel-relevant flags; `info` is a
+    /proc/cpuinfo text (default: this machine's)."""
+    if info is None:
+        info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = re.search(r"^(?:model name|Model|Hardware)\s*:\s*(.+)$", info, re.M)
     flags = re.search(r"^(?:flags|Features)\s*:\s*(.+)$", info, re.M)
     have = set(flags.group(1).split()) if flags else set()
@@ -35,7 +38,15 @@ def cpu():
                 l3 = (idx / "size").read_text().strip()
         except OSError:
             pass
-    return {"model": model.group(1).strip() if model else "unknown", "cpus": os.cpu_count(), "l3": l3,
+    name = model.group(1).strip() if model else "unknown"
+    # A VM's model name is often generic ("AMD EPYC"); family and model tell the generation
+    # (x86: 25 = Zen 3/4, 26 = Zen 5; Arm: implementer and part).
+    ids = [(k, re.search(rf"^{k}\s*:\s*(\S+)\s*$", info, re.M)) for k in
+           ("cpu family", "model", "stepping", "CPU implementer", "CPU part")]
+    ids = [f"{k} {m.group(1)}" for k, m in ids if m]
+    if ids:
+        name += f" ({', '.join(ids)})"
+    return {"model": name, "cpus": os.cpu_count(), "l3": l3,
             "flags": [f for f in FLAGS if f in have]}
 
 
