@@ -58,6 +58,31 @@ pub fn widen_rows(f: &crate::Fp8, k: usize, n0: usize, n1: usize, out: &mut [f32
     }
 }
 
+/// Rows `0..n` of block-scaled FP8 weights `[n, k]` as two bf16 terms each, `hi = bf16(w)` and
+/// `lo = bf16(w − hi)` of the f32 value `w` that [`widen_rows`] gives, into `out [n, 2k]` (row `r`:
+/// `hi` in columns `0..k`, `lo` in `k..2k`): 16 significant bits of every weight, for a bf16 GEMM
+/// of `[x, x] · outᵀ` (the model's prefill arm on oneDNN). On the pool, rows split evenly.
+pub fn split_rows_bf16(f: &crate::Fp8, n: usize, k: usize, out: &mut [u16]) {
+    assert!(out.len() >= n * 2 * k, "output too small");
+    let threads = crate::pool::global().threads();
+    let per = n.div_ceil(threads.max(1)).max(1);
+    let dst = crate::pool::SendPtr(out.as_mut_ptr());
+    crate::pool::global().for_each(n.div_ceil(per), &|t| {
+        let (n0, n1) = (t * per, ((t + 1) * per).min(n));
+        let mut row = vec![0f32; k];
+        for r in n0..n1 {
+            widen_rows(f, k, r, r + 1, &mut row);
+            // SAFETY: row r's 2k values belong to this task alone; `out` outlives the region.
+            let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add(r * 2 * k), 2 * k) };
+            let (hi, lo) = o.split_at_mut(k);
+            for ((&w, h), l) in row.iter().zip(hi).zip(lo) {
+                *h = crate::bf16_bits(w);
+                *l = crate::bf16_bits(w - crate::bf16_to_f32(*h));
+            }
+        }
+    });
+}
+
 /// bf16 bits of [`undershot`] for every e4m3 magnitude (the byte's low 7 bits), high bytes and low
 /// bytes apart: the two 128-entry tables of the AVX-512 VBMI byte lookup (`vpermi2b`). Every value
 /// is a normal bf16 (the smallest, 2⁻¹⁷, is far above bf16's 2⁻¹²⁶), so `vdpbf16ps`, which treats
@@ -110,6 +135,34 @@ pub fn reference(b: u8) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The two bf16 terms of every weight: `hi` its bf16 rounding, `hi + lo` within 2⁻¹⁶ of it, on
+    /// ragged blocks and more rows than threads.
+    #[test]
+    fn split_rows_bf16_is_hi_plus_lo() {
+        let (n, k) = (37usize, 70usize);
+        let q: Vec<u8> = (0..n * k)
+            .map(|i| ((i * 37 + 11) % 256) as u8)
+            .map(|b| if b & 0x7F == 0x7F { 0 } else { b })
+            .collect();
+        let q = &q[..];
+        let scale: Vec<f32> =
+            (0..n.div_ceil(16) * k.div_ceil(32)).map(|i| 1e-3 * (1.0 + i as f32 * 0.37)).collect();
+        let f = crate::Fp8 { q, scale: &scale, block_n: 16, block_k: 32 };
+        let mut want = vec![0f32; n * k];
+        widen_rows(&f, k, 0, n, &mut want);
+        let mut out = vec![0u16; n * 2 * k];
+        split_rows_bf16(&f, n, k, &mut out);
+        for r in 0..n {
+            for c in 0..k {
+                let w = want[r * k + c];
+                let (hi, lo) = (out[r * 2 * k + c], out[r * 2 * k + k + c]);
+                assert_eq!(hi, crate::bf16_bits(w), "row {r} col {c}");
+                let sum = crate::bf16_to_f32(hi) as f64 + crate::bf16_to_f32(lo) as f64;
+                assert!((sum - w as f64).abs() <= (w as f64).abs() * 2f64.powi(-16), "row {r} col {c}");
+            }
+        }
+    }
 
     #[test]
     fn every_code_widens_exactly() {

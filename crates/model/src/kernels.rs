@@ -105,6 +105,17 @@ pub(crate) fn fp8_as_f32(w: &Weight) -> Tensor {
     out
 }
 
+/// An FP8 weight `[N, K]` as `[N, 2K]` bf16: each row's `bf16(w)` then `bf16(w − bf16(w))` of its
+/// f32 value (`mlaserve_kernels::fp8::split_rows_bf16`).
+pub(crate) fn fp8_split_bf16(w: &Weight) -> Tensor {
+    let Weights::Fp8(f) = weights_of(w) else { panic!("not an FP8 weight") };
+    let size = w.size();
+    let (n, k) = (size[0] as usize, size[1] as usize);
+    let mut out = Tensor::empty([n as i64, 2 * k as i64], (Kind::BFloat16, Device::Cpu));
+    mlaserve_kernels::fp8::split_rows_bf16(&f, n, k, elems_mut(&mut out, Kind::BFloat16));
+    out
+}
+
 /// Several independent `x_i · w_iᵀ` in one parallel region (each pair passes [`use_for`]).
 pub fn grouped_linear(pairs: &[(&Tensor, &Weight)]) -> Vec<Tensor> {
     let xs: Vec<Tensor> = pairs.iter().map(|(x, _)| x.contiguous()).collect();
