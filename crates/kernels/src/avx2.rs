@@ -135,8 +135,8 @@ const PF_FAR: usize = 16384;
 /// (1×32768×1024 bf16, `kernel_bench`: 1.58× a plain read of its bytes on 1 thread, 1.29× on 2).
 /// Two rows at once (L1 prefetch only): 1.15× and 1.03×. On Zen 5 (`MLASERVE_KERNEL=avx2`) the
 /// one-row loop already reads at memory speed; there the pairs measured 0.95-1.00 over 600
-/// batch-1 steps in one process (the VM's A/B noise was ±4% that hour), with the L2 prefetch on
-/// both streams 0.94-0.97.
+/// batch-1 steps in one process (repeats of one A/B differed by up to 8 points that hour), with
+/// the L2 prefetch on both streams 0.94-0.97.
 #[inline(always)]
 unsafe fn row<F: Fmt, const S: usize>(c: &Cols, w: *const F::E, ns: [usize; S], m: usize) {
     let p = c.p;
