@@ -129,9 +129,9 @@ fn table() -> &'static Mutex<HashMap<Shape, Trials>> {
     TABLE.get_or_init(Default::default)
 }
 
-/// The largest f32 copy of an FP8 weight that libtorch's arm makes per call: a transient
-/// allocation beside the step's own, kept small (DeepSeek-V3's largest dense weight would be
-/// 528 MB). Larger FP8 weights stay on the kernels.
+/// The largest copy of an FP8 weight that libtorch's arm makes per call (f32, or two bf16 terms: 4
+/// bytes a weight either way): a transient allocation beside the step's own, kept small
+/// (DeepSeek-V3's largest dense weight would be 528 MB). Larger FP8 weights stay on the kernels.
 const FP8_COPY_MAX_BYTES: i64 = 64 << 20;
 
 /// Whether `x · wᵀ` is a candidate: bf16 rows, at least [`MIN_ROWS`] of them, a dense bf16 or an
