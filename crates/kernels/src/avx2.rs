@@ -215,7 +215,7 @@ unsafe fn sweep_rows<F: Fmt>(c: &Cols, w: *const F::E, m: usize) {
     }
 }
 
-four_by_three_sweep!();
+four_by_three_sweep!(own_rows);
 
 /// # Safety
 /// The CPU has AVX2, FMA and F16C; `c.out` points to `m * n` writable floats and no other thread

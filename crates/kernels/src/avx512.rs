@@ -221,16 +221,9 @@ unsafe fn row<F: Fmt>(c: &Cols, w: *const F::E, n: usize, m: usize) {
     *c.out.add(m * p.n + n) = _mm512_reduce_add_ps(total);
 }
 
-/// One input row over the task's columns, a row at a time. Two rows at once, as on the AVX2 path
-/// (`avx2::stream_pairs`), measured neutral on Zen 5 (one-process A/B over 600 batch-1 steps:
-/// 1.007 and 1.016, here and in `sweep_dp_row` and `row_lut`), so the simpler loop stays.
-#[inline(always)]
-unsafe fn sweep_rows<F: Fmt>(c: &Cols, w: *const F::E, m: usize) {
-    for n in c.n0..c.n1 {
-        row::<F>(c, w, n, m);
-    }
-}
-
+// One weight row at a time: two at once, as on the AVX2 path (`avx2::stream_pairs`), measured
+// neutral on Zen 5 (one-process A/B over 600 batch-1 steps: 1.007 and 1.016, here and in
+// `sweep_dp_row` and `row_lut`), so the simpler loop stays.
 four_by_three_sweep!();
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")]

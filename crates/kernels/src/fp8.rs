@@ -69,16 +69,16 @@ pub fn split_rows_bf16(f: &crate::Fp8, n: usize, k: usize, out: &mut [u16]) {
     let dst = crate::pool::SendPtr(out.as_mut_ptr());
     crate::pool::global().for_each(n.div_ceil(per), &|t| {
         let (n0, n1) = (t * per, ((t + 1) * per).min(n));
-        let mut row = vec![0f32; k];
+        let (mut row, mut back) = (vec![0f32; k], vec![0f32; k]);
         for r in n0..n1 {
             widen_rows(f, k, r, r + 1, &mut row);
             // SAFETY: row r's 2k values belong to this task alone; `out` outlives the region.
             let o = unsafe { std::slice::from_raw_parts_mut(dst.get().add(r * 2 * k), 2 * k) };
             let (hi, lo) = o.split_at_mut(k);
-            for ((&w, h), l) in row.iter().zip(hi).zip(lo) {
-                *h = crate::bf16_bits(w);
-                *l = crate::bf16_bits(w - crate::bf16_to_f32(*h));
-            }
+            crate::rows::round_bf16(&row, hi);
+            crate::rows::widen_bf16(hi, &mut back);
+            row.iter_mut().zip(&back).for_each(|(w, b)| *w -= b);
+            crate::rows::round_bf16(&row, lo);
         }
     });
 }

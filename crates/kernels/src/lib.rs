@@ -24,10 +24,22 @@ pub mod rows;
 
 /// The sweep of the AVX-512, AVX2 and NEON paths over a task's columns: one input row streams the
 /// weight rows (`sweep_rows`); several use `tile`s of 4 weight rows × up to 3 input rows. Expands to
-/// `sweep::<F>` calling the invoking module's own `sweep_rows` and `tile` (same loops, other
-/// registers).
+/// `sweep::<F>` calling the invoking module's own `tile` and `sweep_rows` (same loops, other
+/// registers); without `own_rows`, also to a `sweep_rows` that calls the module's `row` a weight
+/// row at a time.
 macro_rules! four_by_three_sweep {
     () => {
+        /// One input row over the task's columns, a weight row at a time.
+        #[inline(always)]
+        unsafe fn sweep_rows<F: Fmt>(c: &Cols, w: *const F::E, m: usize) {
+            for n in c.n0..c.n1 {
+                row::<F>(c, w, n, m);
+            }
+        }
+
+        four_by_three_sweep!(own_rows);
+    };
+    (own_rows) => {
         #[inline(always)]
         unsafe fn sweep<F: Fmt>(c: &Cols, w: *const F::E, m0: usize, m1: usize) {
             if m1 - m0 == 1 {

@@ -180,14 +180,6 @@ unsafe fn row<F: Fmt>(c: &Cols, w: *const F::E, n: usize, m: usize) {
     *c.out.add(m * p.n + n) = total;
 }
 
-/// One input row over the task's columns, a row at a time.
-#[inline(always)]
-unsafe fn sweep_rows<F: Fmt>(c: &Cols, w: *const F::E, m: usize) {
-    for n in c.n0..c.n1 {
-        row::<F>(c, w, n, m);
-    }
-}
-
 four_by_three_sweep!();
 
 /// # Safety
